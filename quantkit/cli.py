@@ -161,7 +161,9 @@ def inspect_artifact(out) -> dict:
                      if k.startswith(name + ".weight") and ".quant_state." not in k)
         rows.append({"module": name, "format": f"{spec['format']}/{spec.get('quant_type', '')}".rstrip("/"),
                      "shape": [spec["out_features"], spec["in_features"]], "bytes": nbytes,
-                     "bits_per_weight": 8 * nbytes / n})
+                     "bits_per_weight": 8 * nbytes / n,
+                     # codes + scales only, without the per-layer lookup tables (what large layers approach)
+                     "payload_bits_per_weight": spec["bits_per_weight"]})
         packed_bits += 8 * nbytes
         packed_weights += n
     dense = {k: v for k, v in info["tensors"].items()
@@ -181,10 +183,11 @@ def cmd_inspect(args) -> int:
         print(json.dumps(s, indent=2))
         return 0
     width = max([len(r["module"]) for r in s["modules"]] + [6])
-    print(f"{'module':<{width}}  {'format':<10} {'shape':>12}  {'bytes':>10}  bits/weight")
+    print(f"{'module':<{width}}  {'format':<10} {'shape':>12}  {'bytes':>10}  bits/weight  payload bits/weight")
     for r in s["modules"]:
         shape = "x".join(map(str, r["shape"]))
-        print(f"{r['module']:<{width}}  {r['format']:<10} {shape:>12}  {r['bytes']:>10}  {r['bits_per_weight']:.3f}")
+        print(f"{r['module']:<{width}}  {r['format']:<10} {shape:>12}  {r['bytes']:>10}  {r['bits_per_weight']:>11.3f}"
+              f"  {r['payload_bits_per_weight']:>18.3f}")
     recipe = (s["recipe"] or {}).get("name", "?")
     print(f"\n{s['n_packed']} packed modules, {s['packed_weights']:,} weights at {s['bits_per_weight_packed']:.3f} "
           f"bits/weight; {s['dense_params']:,} unquantized params ({s['dense_bytes'] / 1e6:.1f} MB); "

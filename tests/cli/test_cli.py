@@ -1,6 +1,7 @@
 """The command line end to end on a tiny model, and every bad-input path of issue #2."""
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,16 @@ def test_compress_inspect_eval(tiny_llama_dir, tmp_path, capsys, recipe):
     code, stdout, _ = _run(capsys, "inspect", str(out))
     assert code == 0
     assert f"lut4/{recipe}" in stdout and "model.layers.0.self_attn.q_proj" in stdout
-    assert "4.127" in stdout  # bits/weight of nf4/fp4 at block 64 with double quant
+    assert "payload bits/weight" in stdout
+    code, stdout, _ = _run(capsys, "inspect", str(out), "--json")
+    rows = json.loads(stdout)["modules"]
+    assert len(rows) == 14
+    for r in rows:
+        n = r["shape"][0] * r["shape"][1]
+        # 4-bit codes + one 8-bit absmax per 64 + one fp32 per 256 blocks (4.127 for large layers)
+        assert r["payload_bits_per_weight"] == round(4 + 8 / 64 + 32 * -(-n // (64 * 256)) / n, 4)
+        # actual bytes also hold the 16- and 256-entry tables, which matter only for tiny layers
+        assert r["bits_per_weight"] == 8 * r["bytes"] / n > r["payload_bits_per_weight"]
 
     code, stdout, _ = _run(capsys, "eval", str(out), "--seq-len", "64", "--max-tokens", "512", "--quiet")
     assert code == 0 and "perplexity" in stdout

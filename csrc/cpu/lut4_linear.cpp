@@ -1,0 +1,641 @@
+// lut4 (nf4/fp4) CPU kernels: dequantize, and fused decode + GEMV / small-batch GEMM.
+//
+// Format (bitsandbytes): the [N, K] weight is flattened row-major and cut into blocks of
+// `blocksize` consecutive elements (blocks may span rows; the last may be partial). Each
+// element is a 4-bit index into a 16-entry fp32 table; element 2i sits in the HIGH nibble
+// of byte i, element 2i+1 in the low nibble. w = code[idx] * absmax[block] in fp32.
+//
+// Vectorisation without -march=native: every hot function exists in an AVX-512F, an
+// AVX2+FMA and a plain C++ version (GCC `target` attributes); one is picked at runtime
+// with __builtin_cpu_supports, so the wheel runs on any x86-64 (and non-x86 builds get
+// the scalar code only).
+//
+// Numerics: the block scale is folded into the 16-entry table once per block
+// (table = code * scale), so every decoded weight is exactly the fp32 product the
+// reference computes; only the summation order of the dot products differs. This file
+// must be compiled with -ffp-contract=off so that GCC never fuses the double-quant decode
+// (absmax_code[q] * scale + offset) into an FMA, which would break bit-exactness.
+#include "lut4_linear.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define QK_X86 1
+#include <immintrin.h>
+#else
+#define QK_X86 0
+#endif
+
+namespace quantkit {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Small helpers shared by every ISA
+// ---------------------------------------------------------------------------------------
+
+inline float load_as_float(const void* p,  // base pointer of an array of type t
+                           DType t,        // element type
+                           int64_t i) {    // element index
+  switch (t) {
+    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+inline void store_from_float(void* p,     // base pointer of an array of type t
+                             DType t,     // element type
+                             int64_t i,   // element index
+                             float v) {   // value, rounded to nearest-even like Tensor.to()
+  switch (t) {
+    case DType::BF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
+    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+// fp32 scale of block b. Double quant is decoded here, once per block, so no separate
+// pass over absmax or the weight is needed. mul then add (never an FMA: see top).
+inline float block_scale(const Lut4Weight& w,  // packed weight
+                         int64_t b) {          // block index over the flattened weight
+  if (w.absmax_f32) return w.absmax_f32[b];
+  const float q = w.absmax_code[w.absmax_u8[b]];
+  const int64_t nested = w.absmax_blocksize_log2 >= 0 ? (b >> w.absmax_blocksize_log2) : b / w.absmax_blocksize;
+  const float s = w.absmax_scale[nested];
+  const float prod = q * s;
+  return prod + w.absmax_offset;
+}
+
+// Block index of flat element f.
+inline int64_t block_of(const Lut4Weight& w, int64_t f) {
+  return w.blocksize_log2 >= 0 ? (f >> w.blocksize_log2) : f / w.blocksize;
+}
+
+int log2_or_neg(int64_t v) {
+  if (v <= 0 || (v & (v - 1))) return -1;
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+Lut4Weight with_derived(const Lut4Weight& w) {
+  Lut4Weight d = w;
+  d.blocksize_log2 = log2_or_neg(w.blocksize);
+  d.absmax_blocksize_log2 = log2_or_neg(w.absmax_blocksize);
+  return d;
+}
+
+// Scalar decode of flat elements [f0, f1) into out[0 .. f1-f0). Handles any alignment
+// (rows starting in the middle of a byte, blocks spanning rows, partial last block).
+void dequant_range_scalar(const Lut4Weight& w,  // packed weight
+                          int64_t f0,           // first flat element index
+                          int64_t f1,           // one past the last flat element index
+                          float* out) {         // fp32 [f1 - f0]
+  if (f0 >= f1) return;
+  const int64_t bs = w.blocksize;
+  int64_t b = f0 / bs;
+  int64_t bend = (b + 1) * bs;
+  float sc = block_scale(w, b);
+  for (int64_t f = f0; f < f1; ++f) {
+    if (f == bend) {
+      ++b;
+      bend += bs;
+      sc = block_scale(w, b);
+    }
+    const uint8_t byte = w.packed[f >> 1];
+    const int idx = (f & 1) ? (byte & 0xF) : (byte >> 4);
+    out[f - f0] = w.code[idx] * sc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Runtime ISA selection
+// ---------------------------------------------------------------------------------------
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa detect_isa() {
+  Isa best = Isa::Scalar;
+#if QK_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
+  if (__builtin_cpu_supports("avx512f")) best = Isa::Avx512;
+#endif
+  // QUANTKIT_CPU_ISA can only lower the choice (tests exercise every variant this way).
+  if (const char* env = std::getenv("QUANTKIT_CPU_ISA")) {
+    const std::string s(env);
+    if (s == "scalar") best = Isa::Scalar;
+    else if (s == "avx2" && best >= Isa::Avx2) best = Isa::Avx2;
+  }
+  return best;
+}
+
+Isa isa() {
+  static const Isa v = detect_isa();
+  return v;
+}
+
+// Per-thread work sizes: enough rows that an OpenMP task outweighs its fork cost (~5 us).
+int64_t row_grain(int64_t k, int64_t m) {
+  const int64_t work = std::max<int64_t>(1, k * std::max<int64_t>(m, 1));
+  return std::max<int64_t>(1, 32768 / work);
+}
+
+// ---------------------------------------------------------------------------------------
+// Activation preparation
+// ---------------------------------------------------------------------------------------
+// Fast paths decode 2G weights per step (G = vector width in floats: 16 for AVX-512, 8 for
+// AVX2) from G bytes: the high nibbles are the even elements, the low nibbles the odd
+// ones. Storing x per 2G-chunk as [G evens | G odds] lets both halves multiply against a
+// plain contiguous vector load, so no shuffles are spent on x in the inner loop.
+void prepare_x(const void* x,   // [m, K] activations of type xt
+               DType xt,        // dtype of x
+               int64_t m,       // rows of x
+               int64_t k,       // K
+               int g,           // group width G, or 0 for plain (unarranged) fp32
+               float* xa) {     // fp32 [m, K] output (arranged when g > 0)
+  at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t base = i * k;
+      if (g == 0) {
+        if (xt == DType::F32) {
+          std::memcpy(xa + base, static_cast<const float*>(x) + base, sizeof(float) * k);
+        } else {
+          for (int64_t c = 0; c < k; ++c) xa[base + c] = load_as_float(x, xt, base + c);
+        }
+        continue;
+      }
+      for (int64_t c0 = 0; c0 < k; c0 += 2 * g) {
+        for (int j = 0; j < g; ++j) {
+          xa[base + c0 + j] = load_as_float(x, xt, base + c0 + 2 * j);
+          xa[base + c0 + g + j] = load_as_float(x, xt, base + c0 + 2 * j + 1);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Scalar / generic path: decode one weight row into a buffer, then dot with each x row.
+// Used for every shape on non-AVX2 machines and, on AVX machines, for shapes where a row
+// does not start on a 32-element boundary (K % 32 != 0) or blocksize % 32 != 0.
+// ---------------------------------------------------------------------------------------
+float dot_scalar(const float* a, const float* b, int64_t k) {
+  // 4 partial sums: gives the compiler independent chains even without vectorisation.
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int64_t c = 0;
+  for (; c + 4 <= k; c += 4) {
+    s0 += a[c] * b[c];
+    s1 += a[c + 1] * b[c + 1];
+    s2 += a[c + 2] * b[c + 2];
+    s3 += a[c + 3] * b[c + 3];
+  }
+  for (; c < k; ++c) s0 += a[c] * b[c];
+  return (s0 + s1) + (s2 + s3);
+}
+
+#if QK_X86
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t k) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), s1);
+  }
+  for (; c + 8 <= k; c += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), s0);
+  s0 = _mm256_add_ps(s0, s1);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  float s = _mm_cvtss_f32(h);
+  for (; c < k; ++c) s += a[c] * b[c];
+  return s;
+}
+
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t k) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= k; c += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), s1);
+  }
+  for (; c < k; c += 16) {  // masked tail: no scalar remainder loop
+    const __mmask16 mk = (k - c >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - c)) - 1);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + c), _mm512_maskz_loadu_ps(mk, b + c), s0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
+void gemm_generic(const Lut4Weight& w,  // packed weight [N, K]
+                  const float* xf,      // fp32 [m, K] plain layout
+                  int64_t m,            // rows of x
+                  const void* bias,     // [N] or nullptr
+                  DType bt,             // bias dtype
+                  void* y,              // [m, N] output
+                  DType yt,             // output dtype
+                  Isa use) {            // which dot product to use
+  const int64_t n_out = w.rows, k = w.cols;
+  at::parallel_for(0, n_out, row_grain(k, m), [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t n = n0; n < n1; ++n) {
+      dequant_range_scalar(w, n * k, (n + 1) * k, row.data());
+      const float bv = bias ? load_as_float(bias, bt, n) : 0.f;
+      for (int64_t i = 0; i < m; ++i) {
+        float s;
+#if QK_X86
+        if (use == Isa::Avx512) s = dot_avx512(row.data(), xf + i * k, k);
+        else if (use == Isa::Avx2) s = dot_avx2(row.data(), xf + i * k, k);
+        else s = dot_scalar(row.data(), xf + i * k, k);
+#else
+        (void)use;
+        s = dot_scalar(row.data(), xf + i * k, k);
+#endif
+        store_from_float(y, yt, i * n_out + n, s + bv);
+      }
+    }
+  });
+}
+
+#if QK_X86
+// ---------------------------------------------------------------------------------------
+// Fast paths (K % 32 == 0 and blocksize % 32 == 0: every row and every 32-element chunk
+// starts on a byte boundary and lies inside one block).
+//
+// Work is tiled as (row tile) x (K tile) x (group of x rows) x (weight row):
+//  * a K tile of the group's x rows stays in L1 while weight rows stream past it (each
+//    32-weight step reads 2*M x vectors; from L2 the FMAs would starve);
+//  * a (row tile, K tile) piece of the weight stays in L2 while every group passes, so the
+//    weight is read from DRAM once per call;
+//  * partial sums are kept as vectors in `pv` across K tiles and reduced horizontally once
+//    per output, not once per tile (a reduction costs as much as several decode steps).
+// ---------------------------------------------------------------------------------------
+constexpr int64_t kMaxTileK = 12288;                      // elements of K per tile, at most
+constexpr int64_t kMaxTileBlocks = kMaxTileK / 32 + 2;   // blocks a K tile can touch
+
+// Decoded fp32 scales of the blocks covering row elements [k0, k1) of the row starting at
+// flat element flat0, into sc[0..]; returns the first block's index. Done up front so the
+// hot loop needs one broadcast load per block instead of the double-quant decode.
+inline int64_t tile_scales(const Lut4Weight& w,  // packed weight
+                           int64_t flat0,        // flat index of the row's first element
+                           int64_t k0,           // tile start within the row
+                           int64_t k1,           // tile end within the row (> k0)
+                           float* sc) {          // fp32 [kMaxTileBlocks] output
+  const int64_t b0 = block_of(w, flat0 + k0), b1 = block_of(w, flat0 + k1 - 1);
+  if (w.absmax_f32) {
+    for (int64_t b = b0; b <= b1; ++b) sc[b - b0] = w.absmax_f32[b];
+  } else {
+    for (int64_t b = b0; b <= b1; ++b) sc[b - b0] = block_scale(w, b);
+  }
+  return b0;
+}
+
+// One decode step: 32 weights starting at row element cc, multiplied into M accumulators.
+// vpmovzxbd widens 16 bytes to 16 int32 lanes; vpermps uses only bits 3:0 of each lane,
+// so the lanes themselves index the low nibbles (odd elements) and lanes >> 4 the high
+// nibbles (even elements) without masking. The 16-entry table (code times the block
+// scale) is one zmm register.
+template <int M, int U>
+__attribute__((target("avx512f"), always_inline)) inline void avx512_step(
+    const uint8_t* prow,       // packed bytes of the weight row (element 0 = high nibble of byte 0)
+    const float* xa,           // fp32 [M, ldx] arranged x rows, [16 even | 16 odd] per 32
+    int64_t ldx,               // row stride of xa in floats
+    int64_t cc,                // first row element of this step (multiple of 32)
+    __m512 tab,                // the 16 code values times this block's scale
+    __m512 (&acc)[M][2 * U],   // accumulators [x row][pair u: even, odd]
+    int u) {                   // which accumulator pair
+  const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(prow + (cc >> 1))));
+  const __m512i hi = _mm512_srli_epi32(lo, 4);
+  const __m512 we = _mm512_permutexvar_ps(hi, tab);  // elements cc, cc+2, ..., cc+30
+  const __m512 wo = _mm512_permutexvar_ps(lo, tab);  // elements cc+1, ..., cc+31
+  for (int i = 0; i < M; ++i) {
+    acc[i][2 * u] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xa + i * ldx + cc), acc[i][2 * u]);
+    acc[i][2 * u + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xa + i * ldx + cc + 16), acc[i][2 * u + 1]);
+  }
+}
+
+// Partial dot products of weight rows [n0, n1) over row elements [k0, k1) with M x rows.
+template <int M>
+__attribute__((target("avx512f"))) void avx512_rows(
+    const Lut4Weight& w,  // packed weight [N, K]
+    int64_t n0,           // first weight row
+    int64_t n1,           // end weight row
+    int64_t k0,           // K tile start (multiple of 32)
+    int64_t k1,           // K tile end (multiple of 32)
+    const float* xa,      // fp32 [M, ldx] arranged x rows of this group
+    int64_t ldx,          // row stride of xa in floats (= K)
+    float* pv,            // fp32 vector partials: row n, x row i at pv + (n-n0)*ldp + 16*i
+    int64_t ldp,          // floats per weight row in pv
+    bool first) {         // first K tile: overwrite pv instead of adding to it
+  // U = 2 keeps two accumulator pairs per x row: with M <= 2 one chain per pair would be
+  // FMA-latency bound (4 cycles per 32 weights) rather than decode bound.
+  constexpr int U = (M <= 2) ? 2 : 1;
+  const int64_t bs = w.blocksize;
+  const __m512 code = _mm512_loadu_ps(w.code);
+  float sc[kMaxTileBlocks];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t flat0 = n * w.cols;
+    const uint8_t* prow = w.packed + (flat0 >> 1);
+    const int64_t b = tile_scales(w, flat0, k0, k1, sc);
+    __m512 acc[M][2 * U];
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < 2 * U; ++v) acc[i][v] = _mm512_setzero_ps();
+    int64_t seg_end = (b + 1) * bs - flat0;  // end of the current block, relative to the row
+    const float* scp = sc;
+    for (int64_t s = k0; s < k1; seg_end += bs) {
+      const int64_t e = std::min(seg_end, k1);
+      const __m512 tab = _mm512_mul_ps(code, _mm512_set1_ps(*scp++));
+      int64_t c = s;
+      if (U == 2) {
+        for (; c + 64 <= e; c += 64) {
+          avx512_step<M, U>(prow, xa, ldx, c, tab, acc, 0);
+          avx512_step<M, U>(prow, xa, ldx, c + 32, tab, acc, U - 1);
+        }
+      }
+      for (; c < e; c += 32) avx512_step<M, U>(prow, xa, ldx, c, tab, acc, 0);
+      s = e;
+    }
+    float* p = pv + (n - n0) * ldp;
+    for (int i = 0; i < M; ++i) {
+      __m512 t = _mm512_add_ps(acc[i][0], acc[i][1]);
+      if (U == 2) t = _mm512_add_ps(t, _mm512_add_ps(acc[i][2], acc[i][3]));
+      if (!first) t = _mm512_add_ps(t, _mm512_loadu_ps(p + 16 * i));
+      _mm512_storeu_ps(p + 16 * i, t);
+    }
+  }
+}
+
+// AVX2: 8 bytes = 16 weights per step. A 16-entry lookup needs two vpermps (each indexes
+// 8 entries with bits 2:0) and a blend on bit 3 of the index, shifted to the sign bit,
+// which is what blendvps tests.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 lut16_avx2(__m256i idx, __m256 t0, __m256 t1) {
+  const __m256 p0 = _mm256_permutevar8x32_ps(t0, idx);
+  const __m256 p1 = _mm256_permutevar8x32_ps(t1, idx);
+  return _mm256_blendv_ps(p0, p1, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int M, int U>
+__attribute__((target("avx2,fma"), always_inline)) inline void avx2_step(
+    const uint8_t* prow,       // packed bytes of the weight row
+    const float* xa,           // fp32 [M, ldx] arranged x rows, [8 even | 8 odd] per 16
+    int64_t ldx,               // row stride of xa in floats
+    int64_t cc,                // first row element of this step (multiple of 16)
+    __m256 t0,                 // code[0..7] times the block scale
+    __m256 t1,                 // code[8..15] times the block scale
+    __m256 (&acc)[M][2 * U],   // accumulators [x row][pair u: even, odd]
+    int u) {                   // which accumulator pair
+  const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(prow + (cc >> 1))));
+  const __m256i hi = _mm256_srli_epi32(lo, 4);
+  const __m256 we = lut16_avx2(hi, t0, t1);
+  const __m256 wo = lut16_avx2(lo, t0, t1);
+  for (int i = 0; i < M; ++i) {
+    acc[i][2 * u] = _mm256_fmadd_ps(we, _mm256_loadu_ps(xa + i * ldx + cc), acc[i][2 * u]);
+    acc[i][2 * u + 1] = _mm256_fmadd_ps(wo, _mm256_loadu_ps(xa + i * ldx + cc + 8), acc[i][2 * u + 1]);
+  }
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void avx2_rows(
+    const Lut4Weight& w,  // packed weight [N, K]
+    int64_t n0,           // first weight row
+    int64_t n1,           // end weight row
+    int64_t k0,           // K tile start (multiple of 32)
+    int64_t k1,           // K tile end (multiple of 32)
+    const float* xa,      // fp32 [M, ldx] arranged x rows of this group
+    int64_t ldx,          // row stride of xa in floats (= K)
+    float* pv,            // fp32 vector partials: row n, x row i at pv + (n-n0)*ldp + 8*i
+    int64_t ldp,          // floats per weight row in pv
+    bool first) {         // first K tile: overwrite pv instead of adding to it
+  constexpr int U = (M <= 2) ? 2 : 1;
+  const int64_t bs = w.blocksize;
+  const __m256 c0 = _mm256_loadu_ps(w.code), c1 = _mm256_loadu_ps(w.code + 8);
+  float sc[kMaxTileBlocks];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t flat0 = n * w.cols;
+    const uint8_t* prow = w.packed + (flat0 >> 1);
+    const int64_t b = tile_scales(w, flat0, k0, k1, sc);
+    __m256 acc[M][2 * U];
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < 2 * U; ++v) acc[i][v] = _mm256_setzero_ps();
+    int64_t seg_end = (b + 1) * bs - flat0;
+    const float* scp = sc;
+    for (int64_t s = k0; s < k1; seg_end += bs) {
+      const int64_t e = std::min(seg_end, k1);
+      const __m256 scale = _mm256_set1_ps(*scp++);
+      const __m256 t0 = _mm256_mul_ps(c0, scale), t1 = _mm256_mul_ps(c1, scale);
+      int64_t c = s;
+      if (U == 2) {
+        for (; c + 32 <= e; c += 32) {
+          avx2_step<M, U>(prow, xa, ldx, c, t0, t1, acc, 0);
+          avx2_step<M, U>(prow, xa, ldx, c + 16, t0, t1, acc, U - 1);
+        }
+      }
+      for (; c < e; c += 16) avx2_step<M, U>(prow, xa, ldx, c, t0, t1, acc, 0);
+      s = e;
+    }
+    float* p = pv + (n - n0) * ldp;
+    for (int i = 0; i < M; ++i) {
+      __m256 t = _mm256_add_ps(acc[i][0], acc[i][1]);
+      if (U == 2) t = _mm256_add_ps(t, _mm256_add_ps(acc[i][2], acc[i][3]));
+      if (!first) t = _mm256_add_ps(t, _mm256_loadu_ps(p + 8 * i));
+      _mm256_storeu_ps(p + 8 * i, t);
+    }
+  }
+}
+
+using RowsFn = void (*)(const Lut4Weight&, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, bool);
+
+// Rows of x are processed in groups of up to 8 (AVX-512: 16 accumulators of 32 zmm) or 4
+// (AVX2: 8 accumulators of 16 ymm); each group streams the weight tile once.
+RowsFn avx512_fn(int64_t mg) {
+  switch (mg) {
+    case 1: return avx512_rows<1>;
+    case 2: return avx512_rows<2>;
+    case 3: return avx512_rows<3>;
+    case 4: return avx512_rows<4>;
+    case 5: return avx512_rows<5>;
+    case 6: return avx512_rows<6>;
+    case 7: return avx512_rows<7>;
+    default: return avx512_rows<8>;
+  }
+}
+RowsFn avx2_fn(int64_t mg) {
+  switch (mg) {
+    case 1: return avx2_rows<1>;
+    case 2: return avx2_rows<2>;
+    case 3: return avx2_rows<3>;
+    default: return avx2_rows<4>;
+  }
+}
+
+void gemm_fast(const Lut4Weight& w,  // packed weight [N, K], K % 32 == 0, blocksize % 32 == 0
+               const float* xa,      // fp32 [m, K] arranged x (prepare_x with this ISA's G)
+               int64_t m,            // rows of x
+               const void* bias,     // [N] of type bt, or nullptr
+               DType bt,             // bias dtype
+               void* y,              // [m, N] output of type yt
+               DType yt,             // output dtype
+               Isa use) {            // Avx512 or Avx2
+  const int64_t n_out = w.rows, k = w.cols;
+  const int64_t max_group = (use == Isa::Avx512) ? 8 : 4;
+  const int64_t lanes = (use == Isa::Avx512) ? 16 : 8;
+  const int64_t group = std::min<int64_t>(m, max_group);
+  // K tile: the group's x rows (group * kt * 4 bytes) get ~32 KB of the 48 KB L1. A single
+  // x row is not tiled up to 12288 (48 KB): measured faster for K = 11008 at m = 1 (1.27 vs
+  // 1.43 ms) since one row's L2 reads (2 vectors per 32 weights) keep up, and tiling would
+  // add a second pass of per-row overhead.
+  const int64_t kt_max = group == 1 ? kMaxTileK
+                                    : std::max<int64_t>(32, (32 * 1024 / (4 * group)) / 32 * 32);
+  const int64_t n_kt = (k + kt_max - 1) / kt_max;
+  const int64_t kt = ((k + n_kt - 1) / n_kt + 31) / 32 * 32;
+  // Row tile: vector partials (tile * m * lanes floats) of ~64 KB, at least 8 rows.
+  const int64_t tile = std::max<int64_t>(8, 16384 / (m * lanes));
+  at::parallel_for(0, n_out, row_grain(k, m), [&](int64_t n0, int64_t n1) {
+    std::vector<float> pv(static_cast<size_t>(std::min(tile, n1 - n0) * m * lanes));
+    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+      const int64_t t1 = std::min(n1, t0 + tile);
+      for (int64_t k0 = 0; k0 < k; k0 += kt) {
+        const int64_t k1 = std::min(k, k0 + kt);
+        for (int64_t i0 = 0; i0 < m; i0 += max_group) {
+          const int64_t mg = std::min<int64_t>(max_group, m - i0);
+          RowsFn fn = (use == Isa::Avx512) ? avx512_fn(mg) : avx2_fn(mg);
+          fn(w, t0, t1, k0, k1, xa + i0 * k, k, pv.data() + i0 * lanes, m * lanes, k0 == 0);
+        }
+      }
+      // One horizontal reduction per output, plus bias, rounded to the output dtype.
+      for (int64_t n = t0; n < t1; ++n) {
+        const float bv = bias ? load_as_float(bias, bt, n) : 0.f;
+        for (int64_t i = 0; i < m; ++i) {
+          const float* p = pv.data() + ((n - t0) * m + i) * lanes;
+          float s = 0.f;
+          for (int64_t l = 0; l < lanes; ++l) s += p[l];
+          store_from_float(y, yt, i * n_out + n, s + bv);
+        }
+      }
+    }
+  });
+}
+
+// Dequantize, 32 (AVX-512) or 16 (AVX2) elements per step, interleaved back to row-major.
+// Blocks [b0, b1) clipped to flat elements [lo, hi); out holds flat element `base` at [0].
+// Unaligned heads/tails (a row range starting mid-chunk) go through the scalar decoder.
+__attribute__((target("avx512f"))) void dequant_blocks_avx512(
+    const Lut4Weight& w,  // packed weight, blocksize % 32 == 0
+    int64_t b0,           // first block
+    int64_t b1,           // end block
+    int64_t lo,           // first flat element to write
+    int64_t hi,           // end flat element
+    int64_t base,         // flat element stored at out[0]
+    float* out) {         // fp32 [hi - base] (at least)
+  const __m512 code = _mm512_loadu_ps(w.code);
+  // vpermt2ps indices interleaving (even, odd) lanes back into element order
+  const __m512i ilo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i ihi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t f0 = std::max(lo, b * w.blocksize), f1 = std::min(hi, (b + 1) * w.blocksize);
+    const __m512 tab = _mm512_mul_ps(code, _mm512_set1_ps(block_scale(w, b)));
+    const int64_t fa = std::min(f1, (f0 + 31) / 32 * 32);
+    dequant_range_scalar(w, f0, fa, out + (f0 - base));
+    int64_t f = fa;
+    for (; f + 32 <= f1; f += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + f / 2)));
+      const __m512 we = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
+      const __m512 wo = _mm512_permutexvar_ps(v, tab);
+      _mm512_storeu_ps(out + (f - base), _mm512_permutex2var_ps(we, ilo, wo));
+      _mm512_storeu_ps(out + (f - base) + 16, _mm512_permutex2var_ps(we, ihi, wo));
+    }
+    dequant_range_scalar(w, f, f1, out + (f - base));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void dequant_blocks_avx2(
+    const Lut4Weight& w,  // packed weight, blocksize % 32 == 0
+    int64_t b0,           // first block
+    int64_t b1,           // end block
+    int64_t lo,           // first flat element to write
+    int64_t hi,           // end flat element
+    int64_t base,         // flat element stored at out[0]
+    float* out) {         // fp32 [hi - base] (at least)
+  const __m256 c0 = _mm256_loadu_ps(w.code), c1 = _mm256_loadu_ps(w.code + 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t f0 = std::max(lo, b * w.blocksize), f1 = std::min(hi, (b + 1) * w.blocksize);
+    const __m256 sc = _mm256_set1_ps(block_scale(w, b));
+    const __m256 t0 = _mm256_mul_ps(c0, sc), t1 = _mm256_mul_ps(c1, sc);
+    const int64_t fa = std::min(f1, (f0 + 15) / 16 * 16);
+    dequant_range_scalar(w, f0, fa, out + (f0 - base));
+    int64_t f = fa;
+    for (; f + 16 <= f1; f += 16) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.packed + f / 2)));
+      const __m256 we = lut16_avx2(_mm256_srli_epi32(v, 4), t0, t1);  // elements f, f+2, ..
+      const __m256 wo = lut16_avx2(v, t0, t1);                        // elements f+1, f+3, ..
+      // unpack interleaves within 128-bit lanes; permute2f128 puts the halves in order
+      const __m256 a = _mm256_unpacklo_ps(we, wo), c = _mm256_unpackhi_ps(we, wo);
+      _mm256_storeu_ps(out + (f - base), _mm256_permute2f128_ps(a, c, 0x20));
+      _mm256_storeu_ps(out + (f - base) + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+    dequant_range_scalar(w, f, f1, out + (f - base));
+  }
+}
+#endif  // QK_X86
+
+}  // namespace
+
+const char* lut4_cpu_isa() {
+  switch (isa()) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+void lut4_dequantize_rows(const Lut4Weight& w_in, int64_t r0, int64_t r1, float* out) {
+  const Lut4Weight w = with_derived(w_in);
+  const int64_t lo = r0 * w.cols, hi = r1 * w.cols;
+  if (hi <= lo) return;
+  const int64_t bs = w.blocksize;
+  const int64_t b_first = lo / bs, b_end = (hi + bs - 1) / bs;
+  const Isa use = isa();
+  const int64_t grain = std::max<int64_t>(1, 65536 / bs);
+  at::parallel_for(b_first, b_end, grain, [&](int64_t b0, int64_t b1) {
+#if QK_X86
+    if (bs % 32 == 0 && use == Isa::Avx512) return dequant_blocks_avx512(w, b0, b1, lo, hi, lo, out);
+    if (bs % 32 == 0 && use == Isa::Avx2) return dequant_blocks_avx2(w, b0, b1, lo, hi, lo, out);
+#else
+    (void)use;
+#endif
+    const int64_t f0 = std::max(lo, b0 * bs), f1 = std::min(hi, b1 * bs);
+    dequant_range_scalar(w, f0, f1, out + (f0 - lo));
+  });
+}
+
+void lut4_dequantize(const Lut4Weight& w, float* out) { lut4_dequantize_rows(w, 0, w.rows, out); }
+
+void lut4_gemm_small(const Lut4Weight& w_in, const void* x, DType xt, int64_t m, const void* bias, DType bt,
+                     void* y) {
+  const Lut4Weight w = with_derived(w_in);
+  const int64_t k = w.cols;
+  if (m == 0 || w.rows == 0) return;
+  const Isa use = isa();
+  // Fast path: every row starts on a byte and 32-element boundary and no 32-chunk straddles
+  // a block (true for all LLM shapes); anything else takes the generic decode-row path.
+  const bool fast = use != Isa::Scalar && k % 32 == 0 && w.blocksize % 32 == 0;
+  const int g = fast ? (use == Isa::Avx512 ? 16 : 8) : 0;
+  std::vector<float> xa(static_cast<size_t>(m * k));
+  prepare_x(x, xt, m, k, g, xa.data());
+#if QK_X86
+  if (fast) return gemm_fast(w, xa.data(), m, bias, bt, y, xt, use);
+#endif
+  gemm_generic(w, xa.data(), m, bias, bt, y, xt, use);
+}
+
+}  // namespace cpu
+}  // namespace quantkit

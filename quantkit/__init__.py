@@ -5,6 +5,7 @@ Public API (small on purpose):
     quantkit.save(model, out_dir)                             write an artifact folder
     quantkit.load(out_dir) -> nn.Module                       read it back (transformers model)
     quantkit.load_model(name_or_path) -> nn.Module            artifact, HF folder, .gguf, smollm2-135m
+    quantkit.export(out_dir, to, dest)                        hf-bnb / onnx deployment export
     quantkit.Recipe, quantkit.load_recipe                     recipes (YAML -> frozen dataclasses)
 
 Importing quantkit never initialises CUDA and works without the compiled extension.
@@ -17,7 +18,8 @@ import torch  # noqa: F401  (must precede the native extension import in _ops)
 from quantkit import _ops  # noqa: F401  (registers torch.ops.quantkit.*)
 from quantkit.api import compress, load_model
 from quantkit.errors import QuantkitError
+from quantkit.export import export
 from quantkit.io.artifact import load, save
 from quantkit.recipe import Recipe, load_recipe
 
-__all__ = ["compress", "save", "load", "load_model", "Recipe", "load_recipe", "QuantkitError", "__version__"]
+__all__ = ["compress", "save", "load", "load_model", "export", "Recipe", "load_recipe", "QuantkitError", "__version__"]

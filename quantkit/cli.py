@@ -1,4 +1,4 @@
-"""``quantkit`` command line: compress, eval, inspect.
+"""``quantkit`` command line: compress, eval, inspect, export.
 
 Exit codes: 0 success; 2 usage errors (bad arguments, bad recipe, missing input, OUT
 exists); 1 any other failure. Errors are one line on stderr; ``--debug`` adds the
@@ -24,6 +24,17 @@ examples:
   quantkit compress smollm2-135m --recipe recipes/nf4.yaml -o out/smollm2-nf4
   quantkit eval out/smollm2-nf4
   quantkit inspect out/smollm2-nf4
+"""
+
+EPILOG_EXPORT = """\
+targets:
+  hf-bnb  config.json with quantization_config + model.safetensors in bitsandbytes' layout:
+          transformers.AutoModelForCausalLM.from_pretrained(DEST) loads it (bitsandbytes)
+  onnx    model.onnx (input_ids -> logits) using com.microsoft::MatMulBnb4, for ONNX Runtime
+
+examples:
+  quantkit export out/smollm2-nf4 --to hf-bnb -o out/smollm2-nf4-hf
+  quantkit export out/smollm2-nf4 --to onnx -o out/smollm2-nf4-onnx
 """
 
 
@@ -74,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("out", metavar="OUT", help="artifact folder written by `quantkit compress`")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+    x = sub.add_parser("export", help="export an artifact for transformers+bitsandbytes or ONNX Runtime",
+                       description="Export the artifact OUT to DEST for another runtime (see docs/export.md).",
+                       epilog=EPILOG_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("out", metavar="OUT", help="artifact folder written by `quantkit compress`")
+    x.add_argument("--to", required=True, choices=["hf-bnb", "onnx"], help="export target")
+    x.add_argument("-o", "--dest", required=True, metavar="DEST", help="output folder (must not exist unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace DEST if it exists (only once the new one is complete)")
+    _add_common(x)
     return parser
 
 
@@ -195,6 +215,18 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from quantkit.export import export
+    from quantkit.io import artifact
+
+    t0 = time.perf_counter()
+    _status(args, f"exporting {args.out} to {args.to}")
+    dest = export(args.out, to=args.to, dest=args.dest, overwrite=args.overwrite)
+    print(f"wrote {dest} ({args.to}): {artifact.artifact_bytes(dest) / 1e6:.1f} MB on disk "
+          f"(artifact {artifact.artifact_bytes(args.out) / 1e6:.1f} MB), {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def _kernel_line() -> str:
     from quantkit._ops import native_status
     return native_status()
@@ -205,7 +237,7 @@ def _status(args, msg: str) -> None:
         print(f"quantkit: {msg}", file=sys.stderr, flush=True)
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export}
 
 
 def main(argv=None) -> int:

@@ -171,7 +171,6 @@ def inspect_artifact(out) -> dict:
     from quantkit.io import artifact
 
     info = artifact.read_metadata(out)
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     tensor_bytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in info["tensors"].items()}
     rows, packed_bits, packed_weights = [], 0, 0
     for name, spec in info["modules"].items():

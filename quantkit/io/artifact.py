@@ -17,6 +17,7 @@ tensors with ``assign=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -112,6 +113,13 @@ def save(model: nn.Module, out_dir: Union[str, Path], overwrite: bool = False, t
         "quantkit.modules": json.dumps(modules),
         "quantkit.tied": json.dumps(tied),
     }
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        # transformers marks models read from GGUF this way; the weights we write are not
+        # GGUF-quantized any more, so the entry would only mislead other loaders
+        config = copy.deepcopy(config)
+        del config.quantization_config
     with atomic_output_dir(out_dir, overwrite) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)

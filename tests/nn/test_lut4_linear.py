@@ -66,3 +66,18 @@ def test_bf16_activations():
     assert y.dtype == torch.bfloat16
     ref = (x.float() @ lut4.dequantize(q.packed()).T + lin.bias).to(torch.bfloat16)
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half"])
+def test_dtype_cast_keeps_packed_format(cast):
+    """model.to(bf16)/.half() must not round the fp32 scales and tables (they are the format)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 16)
+    q = Lut4Linear.from_linear(lin, "nf4", 64, double_quant=False)
+    absmax = q.weight_absmax.clone()
+    q = q.to(torch.bfloat16) if cast == "bfloat16" else q.half()
+    assert q.weight_absmax.dtype == torch.float32 and torch.equal(q.weight_absmax, absmax)
+    assert q.weight_quant_map.dtype == torch.float32 and q.weight.dtype == torch.uint8
+    assert q.bias.dtype == (torch.bfloat16 if cast == "bfloat16" else torch.float16)
+    x = torch.randn(2, 128, dtype=q.bias.dtype)
+    assert q(x).dtype == x.dtype

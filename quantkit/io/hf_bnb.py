@@ -16,7 +16,8 @@ keys, byte for byte, so the export is mostly a copy:
   ``llm_int8_skip_modules`` is explicit because an explicit list replaces transformers'
   default skips (output embedding, tied weights): we list exactly the Linear modules the
   recipe left in full precision, e.g. ``["lm_head"]``.
-* ``model.safetensors``: every tensor of the artifact, unchanged; header metadata is
+* ``model.safetensors`` (or shards + ``model.safetensors.index.json`` past 2 GB, as
+  transformers writes them): every tensor of the artifact, unchanged; header metadata is
   ``{"format": "pt"}`` as transformers writes (quantkit's own keys are dropped, so DEST
   is not mistaken for a quantkit artifact). A weight quantkit stored once because it
   aliases another (``quantkit.tied``) is written back only if transformers does not tie
@@ -42,7 +43,8 @@ from pathlib import Path
 from typing import Callable, Union
 
 from quantkit.errors import CheckpointError, FormatError, UsageError
-from quantkit.io.artifact import WEIGHTS_NAME, atomic_output_dir, read_metadata
+from quantkit.io.artifact import atomic_output_dir, load_tensors, read_metadata
+from quantkit.io.shards import entry_from_tensor, is_weight_file, write_sharded
 
 BNB_COMPUTE_DTYPE = "float32"
 
@@ -116,7 +118,6 @@ def bnb_quantization_config(modules: dict, skip_modules: list[str]) -> dict:
 
 def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bool = False) -> Path:
     """Write ``dest``: a folder ``AutoModelForCausalLM.from_pretrained(dest)`` loads with bitsandbytes."""
-    from safetensors.torch import load_file, save_file
     from torch import nn
     from transformers import AutoConfig
 
@@ -162,10 +163,7 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     skip = [n for n in linear_names if n not in modules]
     config.quantization_config = bnb_quantization_config(modules, skip)
 
-    try:
-        tensors = load_file(str(info["path"]))
-    except Exception as e:
-        raise CheckpointError(f"{info['path']} cannot be read: {e}") from None
+    tensors = load_tensors(info)
     for name, spec in modules.items():
         qkey = f"{name}.weight.quant_state.bitsandbytes__{spec['quant_type']}"
         if qkey not in tensors:
@@ -181,13 +179,14 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     with atomic_output_dir(dest, overwrite) as tmp:
         config.save_pretrained(tmp)
         for p in sorted(out_dir.iterdir()):
-            if p.name in ("config.json", WEIGHTS_NAME) or p.name.startswith("."):
+            if p.name == "config.json" or is_weight_file(p.name) or p.name.startswith("."):
                 continue
             if p.is_dir():
                 shutil.copytree(p, tmp / p.name)
             else:
                 shutil.copy2(p, tmp / p.name)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # one model.safetensors up to 2 GB, else shards + index, as transformers writes them
+        write_sharded(tmp, [entry_from_tensor(k, t) for k, t in tensors.items()], {"format": "pt"})
         written = json.loads((tmp / "config.json").read_text())
         if written.get("quantization_config", {}).get("quant_method") != "bitsandbytes":
             raise FormatError("transformers did not write quantization_config into config.json")  # pragma: no cover

@@ -53,7 +53,8 @@ from torch import nn
 
 from quantkit.errors import FormatError, UsageError
 from quantkit.formats import lut4
-from quantkit.io.artifact import WEIGHTS_NAME, atomic_output_dir, read_metadata
+from quantkit.io.artifact import atomic_output_dir, read_metadata
+from quantkit.io.shards import is_weight_file
 
 ONNX_NAME = "model.onnx"
 ONNX_DATA_NAME = "model.onnx.data"  # what ONNXProgram.save names external data (only past SINGLE_FILE_LIMIT)
@@ -251,7 +252,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
         with _quiet_exporter():
             program.save(str(tmp / ONNX_NAME), external_data=external)
         for p in sorted(out_dir.iterdir()):
-            if p.name == WEIGHTS_NAME or p.name.startswith("."):
+            if is_weight_file(p.name) or p.name.startswith("."):
                 continue
             if p.is_dir():
                 shutil.copytree(p, tmp / p.name)

@@ -71,6 +71,8 @@ def validate_safetensors(path: Union[str, Path]) -> dict:
         raise CheckpointError(f"{path} is corrupt: header is not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is corrupt: header is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is corrupt: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is corrupt: header is a JSON {type(header).__name__}, not an object")
 

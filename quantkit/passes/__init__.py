@@ -1,9 +1,26 @@
 """The pass registry: an explicit table, so an import error in a pass is never hidden.
 
 Each entry maps a recipe ``pass:`` name to its config dataclass and apply function
-``apply(model, config, progress) -> list[str]`` (names of the modules it rewrote).
+``apply(model, config, progress, scope="") -> list[str]`` (full names of the modules it
+rewrote). ``scope`` names a submodule to work inside (streaming compress passes each
+decoder block's name, e.g. ``model.layers.3``, with the rest of the model still on the
+meta device); selection by target/ignore patterns uses full names, so a pass must give
+the same result per module whether it runs on the whole model or block by block.
 To add a pass: write ``passes/<name>.py`` with a frozen config dataclass and ``apply``,
 then add one line here.
+
+Calibrated passes (planned: DB-LLM, BitStack) set ``calibrated=True``. Their intended
+life cycle under streaming compress (quantkit/streaming.py), one block at a time:
+  1. initialize: before the first block, the calibration token ids are embedded (the
+     embedding unit is materialized first anyway) into the block inputs ``x``;
+  2. per block: materialize the block, run ``x`` through it with the pass's observer
+     hooks (calibrate), call ``apply(model, cfg, progress, scope=block, calib=...)`` to
+     compress it, then run ``x`` through the *compressed* block to get the next block's
+     inputs (so errors propagate as at inference), write the block, free it;
+  3. finalize: after the last block (e.g. a global bit allocation for BitStack).
+The carried ``x`` must be saved next to the journal with each finished block for
+``--resume`` to continue exactly. Streaming compress refuses calibrated passes until
+this is implemented.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ class PassSpec:
     config_cls: type
     apply: Callable
     summary: str
+    calibrated: bool = False  # needs activations (see the life cycle above)
 
 
 PASSES: dict[str, PassSpec] = {

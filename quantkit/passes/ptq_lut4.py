@@ -40,9 +40,14 @@ class Lut4PassConfig:
         validate_patterns(self.ignore, "ignore")
 
 
-def apply(model: nn.Module, cfg: Lut4PassConfig, quant_type: str, progress: bool = True) -> list[str]:
-    """Quantize matching linears in place of ``model``; returns the replaced module names."""
-    chosen = select_linears(model, cfg.targets, cfg.ignore)
+def apply(model: nn.Module, cfg: Lut4PassConfig, quant_type: str, progress: bool = True,
+          scope: str = "") -> list[str]:
+    """Quantize matching linears in place of ``model``; returns the replaced module names.
+
+    scope: only modules inside the submodule of that name (streaming compress calls this once
+    per decoder block); the result for each module is the same as in a whole-model call.
+    """
+    chosen = select_linears(model, cfg.targets, cfg.ignore, scope)
     for name, linear in progress_bar(chosen, desc=quant_type, disable=not progress):
         replace_module(model, name, Lut4Linear.from_linear(linear, quant_type, cfg.blocksize, cfg.double_quant))
     return [n for n, _ in chosen]

@@ -22,8 +22,8 @@ from quantkit.errors import RecipeError
 def _compile(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern[3:])
-    except re.error as e:
-        raise RecipeError(f"invalid regex in pattern {pattern!r}: {e}") from None
+    except (re.error, OverflowError, RecursionError, ValueError) as e:  # e.g. a{4294967296}, deep nesting
+        raise RecipeError(f"invalid regex in pattern {pattern[:200]!r}: {e or type(e).__name__}") from None
 
 
 def validate_patterns(patterns: tuple[str, ...], where: str) -> None:
@@ -48,9 +48,16 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def select_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    """(name, module) of every plain nn.Linear matching ``targets`` and not ``ignore``."""
-    return [(n, m) for n, m in model.named_modules()
+def select_linears(model: nn.Module, targets: tuple[str, ...], ignore: tuple[str, ...],
+                   scope: str = "") -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every plain nn.Linear matching ``targets`` and not ``ignore``.
+
+    scope: restrict the search to the submodule of that name (e.g. ``model.layers.3`` when
+    compressing block by block). Names stay full names (``model.layers.3.mlp.up_proj``), so
+    a pattern selects exactly the modules it selects in a whole-model run.
+    """
+    root = model.get_submodule(scope) if scope else model
+    return [(n, m) for n, m in root.named_modules(prefix=scope)
             if type(m) is nn.Linear and matches(n, targets) and not matches(n, ignore)]
 
 

@@ -153,14 +153,14 @@ def test_nan_weights_are_refused_naming_the_tensor(tiny_llama_dir, tmp_path, cap
 
 
 def test_interrupted_save_leaves_no_output(tiny_llama_dir, tmp_path, monkeypatch):
-    import safetensors.torch
+    from quantkit.io import shards
 
     model = quantkit.compress(str(tiny_llama_dir), "nf4", progress=False)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(shards, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         quantkit.save(model, tmp_path / "o")
     assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []

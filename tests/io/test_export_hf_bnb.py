@@ -163,12 +163,12 @@ def test_dest_exists_refused_then_overwrite(artifacts, tmp_path):
 
 
 def test_failure_leaves_no_half_written_dest(artifacts, tmp_path, monkeypatch):
-    import safetensors.torch
+    from quantkit.io import shards
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(shards, "write_safetensors", boom)
     dest = tmp_path / "hf"
     with pytest.raises(OSError, match="disk full"):
         quantkit.export(artifacts["nf4"], to="hf-bnb", dest=dest)

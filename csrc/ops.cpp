@@ -30,9 +30,11 @@ DType to_dtype(const at::Tensor& t, const char* what) {
 }
 
 // Largest batch m (rows of x) that lut4_linear runs on the fused decode kernel; above it
-// the weight is dequantized to fp32 in row tiles and MKL (at::mm) does the GEMM.
+// the weight is dequantized in row tiles and a library GEMM runs: fp32 x -> fp32 tiles and
+// MKL sgemm; bf16/fp16 x -> tiles rounded to x.dtype and oneDNN (AMX for bf16).
 // Measured on the dev box (2-core Sapphire Rapids VM, AVX-512, nf4 / blocksize 64 /
-// double quant, 2 threads), fused vs dequant+MKL in ms:
+// double quant, 2 threads), fused vs dequant+GEMM in ms.
+// fp32 x (dequant to fp32 + MKL sgemm):
 //   4096x4096   m=32  5.4 vs  8.5   m=48  8.1 vs  9.9   m=64 11.1 vs  9.0   m=96 18.5 vs 11.4
 //   11008x4096  m=32 14.3 vs 23.0   m=48 21.9 vs 26.3   m=64 29.8 vs 24.3
 //   576x1536    m=16 0.17 vs 0.28   m=32 0.41 vs 0.34   m=48 0.47 vs 0.40
@@ -41,15 +43,40 @@ DType to_dtype(const at::Tensor& t, const char* what) {
 // (it re-runs the 4-bit decode per group of 8 rows and cannot block like MKL), while
 // dequant+MKL pays a fixed ~4 bytes written and read per weight; the crossover is near
 // m = 56 for K >= 2048 and near m = 24 for the small K of SmolLM-class layers, where the
-// fused kernel's per-row overhead is relatively larger. QUANTKIT_LUT4_GEMM_M=<m> overrides
-// both (benchmarks and tests).
-int64_t gemm_threshold(int64_t k) {
+// fused kernel's per-row overhead is relatively larger.
+// bf16 x (dequant to bf16 + oneDNN AMX bf16 GEMM), 2026-11-23:
+//   4096x4096   m=8 1.46 vs 2.17   m=12 2.43 vs 2.22   m=16 3.92 vs 2.27   m=32 7.91 vs 2.43
+//   11008x4096  m=8 3.85 vs 5.96   m=12 6.40 vs 6.04   m=16 7.74 vs 6.18   m=32 16.0 vs 6.69
+//   4096x11008  m=8 5.78 vs 6.22   m=12 6.19 vs 6.54   m=16 10.4 vs 6.59   m=32 15.6 vs 7.43
+//   576x576     m=4 0.030 vs 0.057   m=8 0.048 vs 0.057   m=12 0.075 vs 0.058
+//   1536x576    m=4 0.078 vs 0.116   m=8 0.110 vs 0.117   m=12 0.168 vs 0.120
+//   576x1536    m=4 0.057 vs 0.112   m=8 0.124 vs 0.116   m=12 0.183 vs 0.113
+// With AMX the GEMM itself is nearly free at these m (4096x4096: ~0.7 ms at m=8..32 on
+// tiles already dequantized); the path costs a fixed ~1 ms per 16M weights to decode and
+// write the bf16 tiles, so it wins from m ~ 12 (K >= 2048) / m ~ 8 (small K).
+// fp16 x (dequant to fp16 + oneDNN fp16 GEMM: no AMX-FP16 on this CPU, AVX512-FP16 with
+// fp32 accumulation; still faster than the fp32 path above m ~ 8 for K >= 2048):
+//   4096x4096   m=8 2.01 vs 3.34   m=16 3.97 vs 4.01   m=24 5.90 vs 4.59   m=32 7.75 vs 5.42
+//   11008x4096  m=8 4.14 vs 8.85   m=16 8.08 vs 10.2   m=24 12.3 vs 12.1   m=32 16.5 vs 14.9
+//   576x576     m=8 0.054 vs 0.084   m=16 0.117 vs 0.100   m=24 0.171 vs 0.114
+//   576x1536    m=8 0.131 vs 0.187   m=16 0.255 vs 0.229   m=24 0.379 vs 0.267
+// (Absolute fused times drift by ~20 % between days on this VM; each table was taken in
+// one sitting.) QUANTKIT_LUT4_GEMM_M=<m> overrides every dtype (benchmarks and tests);
+// QUANTKIT_LUT4_GEMM_M_HALF=<m> only bf16/fp16.
+int64_t gemm_threshold(int64_t k, DType xt) {
   static const int64_t env = [] {
     const char* v = std::getenv("QUANTKIT_LUT4_GEMM_M");
     return v ? std::atoll(v) : int64_t{-1};
   }();
   if (env >= 0) return env;
-  return k >= 2048 ? 48 : 24;
+  if (xt == DType::F32) return k >= 2048 ? 48 : 24;
+  static const int64_t env_half = [] {
+    const char* v = std::getenv("QUANTKIT_LUT4_GEMM_M_HALF");
+    return v ? std::atoll(v) : int64_t{-1};
+  }();
+  if (env_half >= 0) return env_half;
+  if (xt == DType::BF16) return k >= 2048 ? 12 : 8;
+  return k >= 2048 ? 16 : 12;  // F16
 }
 
 cpu::Lut4Weight make_weight(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -143,11 +170,37 @@ at::Tensor lut4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     return y.to(x.scalar_type());
   }
   const at::Tensor xc = x.contiguous();
-  if (m > gemm_threshold(k)) {
-    // Large batch: dequantize (fp32, bit-exact) and let MKL run a real GEMM. The weight is
-    // dequantized in row tiles of <= 8 MB into one reused buffer: a full fp32 copy of an
-    // LLM weight (64-180 MB) is a fresh mmap each call, and its page faults alone cost more
-    // (~10 ms for 4096x4096) than the GEMM.
+  if (m > gemm_threshold(k, xt)) {
+    // Tiles of the dequantized weight are written into one reused buffer: a full copy of an
+    // LLM weight (64-180 MB in fp32) is a fresh mmap each call, and its page faults alone
+    // cost more (~10 ms for 4096x4096 fp32) than the GEMM.
+    if (xt != DType::F32) {
+      // Half-precision x: dequantize each row tile straight to x.dtype (rounded as
+      // Tensor.to does) and run the GEMM in that dtype, where oneDNN uses AMX (bf16) or
+      // AVX512-FP16 and accumulates in fp32; this is what bitsandbytes does (dequantize to
+      // the compute dtype, then F.linear). A bias of x's dtype is fused (addmm, one rounding);
+      // any other bias is added in fp32 afterwards.
+      const at::ScalarType st = x.scalar_type();
+      // 8 MB tiles as for fp32 (measured: 4 and 16 MB within ~10 %; 32 MB tiles are served
+      // by a fresh mmap each call again).
+      const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (2 * k)));
+      at::Tensor wbuf = at::empty({tile, k}, packed.options().dtype(st));
+      const at::Tensor x2 = xc.reshape({m, k});
+      at::Tensor y = at::empty({m, n}, x2.options());
+      const bool fuse_bias = bias.has_value() && bias->scalar_type() == st;
+      const at::Tensor bc = fuse_bias ? bias->contiguous().reshape({n}) : at::Tensor();
+      for (int64_t n0 = 0; n0 < n; n0 += tile) {
+        const int64_t nt = std::min(tile, n - n0);
+        at::Tensor wt = wbuf.narrow(0, 0, nt);
+        cpu::lut4_dequantize_rows_to(w, n0, n0 + nt, xt, wt.data_ptr());
+        at::Tensor yt = y.narrow(1, n0, nt);
+        if (fuse_bias) at::addmm_out(yt, bc.narrow(0, n0, nt), x2, wt.t());
+        else at::mm_out(yt, x2, wt.t());
+      }
+      if (bias.has_value() && !fuse_bias) y = (y.to(at::kFloat) + bias->to(at::kFloat)).to(st);
+      return y.reshape(out_shape);
+    }
+    // fp32 x: dequantize to fp32 (bit-exact) and let MKL run sgemm.
     const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
     at::Tensor wbuf = at::empty({tile, k}, packed.options().dtype(at::kFloat));
     const at::Tensor x2 = xc.reshape({m, k}).to(at::kFloat);

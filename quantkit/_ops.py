@@ -24,6 +24,19 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
     y = x @ W.T + bias with W = lut4_dequantize(...) [out_features, in_features],
     accumulated in fp32.
+    Native CPU kernel, large batches (m = rows of x above a per-dtype threshold, see
+    gemm_threshold in csrc/ops.cpp): for fp32 x, W is dequantized to fp32 and MKL sgemm runs
+    (same values as the reference up to summation order). For bf16/fp16 x, W is dequantized
+    and then ROUNDED TO x.dtype (round to nearest even, exactly as W.to(x.dtype)) before the
+    product, as bitsandbytes does (dequantize to the compute dtype, then F.linear); the GEMM
+    runs in x.dtype on oneDNN (AMX for bf16) with fp32 accumulation and one rounding of the
+    output. A bias of x.dtype is fused into that GEMM; a bias of another dtype is added in
+    fp32 to the already rounded product (a second rounding). So there
+    y = (x.float() @ W.to(x.dtype).float().T + bias.float()).to(x.dtype) up to summation
+    order and <= 1 ulp of x.dtype; against this fp32-W reference it differs by the weight's
+    rounding (relative 2^-9 per weight for bf16, 2^-12 for fp16; fp16 weights beyond
+    +-65504 become inf, as W.to(torch.float16) does). Small batches (the fused decode kernel)
+    keep fp32 weights for every dtype.
 """
 
 from __future__ import annotations
@@ -96,7 +109,12 @@ def lut4_dequantize_reference(packed, absmax, code, blocksize, rows, cols, absma
 
 def lut4_linear_reference(x, packed, absmax, code, blocksize, out_features, in_features, bias=None,
                           absmax_code=None, absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
-    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype."""
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype.
+
+    W stays fp32 here for every x dtype; the native CPU kernel's large-batch path for bf16/fp16
+    x rounds W to x.dtype first (see the module docstring), so compare it with a bf16/fp16
+    tolerance, or against this function given W rounded to x.dtype.
+    """
     torch._check(x.shape[-1] == in_features,
                  lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
     w = lut4_dequantize_reference(packed, absmax, code, blocksize, out_features, in_features,

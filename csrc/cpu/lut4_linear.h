@@ -43,6 +43,15 @@ void lut4_dequantize_rows(const Lut4Weight& w,  // packed weight [rows, cols]
                           int64_t r1,           // end row
                           float* out);          // fp32 [r1 - r0, cols]
 
+// Rows [r0, r1) of the dequantized weight rounded to out_t (BF16 or F16; F32 is
+// lut4_dequantize_rows): each value is the fp32 decode above converted exactly as
+// Tensor.to(dtype) does (round to nearest even, denormals kept), on every ISA.
+void lut4_dequantize_rows_to(const Lut4Weight& w,  // packed weight [rows, cols]
+                             int64_t r0,           // first row
+                             int64_t r1,           // end row
+                             DType out_t,          // BF16, F16 (or F32)
+                             void* out);           // [r1 - r0, cols] of type out_t
+
 // y[i, n] = sum_k x[i, k] * W[n, k] + bias[n], fp32 accumulation, for small m (decodes
 // the packed weight on the fly; one pass over the weight bytes per group of x rows).
 void lut4_gemm_small(const Lut4Weight& w,  // packed weight [N, K]

@@ -209,9 +209,92 @@ def test_lower_isa_variants_match_reference(isa):
 
 
 def test_dequant_mkl_path_matches_reference():
-    """QUANTKIT_LUT4_GEMM_M=0 sends every batch through the tiled dequantize + MKL path."""
+    """QUANTKIT_LUT4_GEMM_M=0 sends every batch through the tiled dequantize + GEMM path (fp32 x:
+    MKL on the fp32 weight; bf16 x: W rounded to bf16, so the bf16 tolerance still holds)."""
     out = _run(_CHECK_ALL_PATHS, QUANTKIT_LUT4_GEMM_M="0")
     assert out.split()[1] == "0", out
+
+
+_CHECK_HALF_GEMM = """
+import torch, quantkit._ops as ops
+from quantkit.formats import lut4
+from quantkit import _C
+torch.manual_seed(0)
+bad = []
+ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+for (n, k, bs) in [(40, 256, 64), (7, 70, 64), (6, 577, 32), (33, 576, 128), (200, 4096, 64)]:
+    for dq in (False, True):
+        q = lut4.quantize(torch.randn(n, k), "nf4", bs, dq)
+        d = (q.packed, q.absmax, q.quant_map, bs, n, k, q.nested_quant_map, q.nested_absmax,
+             q.state.nested_offset, 256)
+        w = ops.lut4_dequantize_reference(*d)
+        for dt in (torch.bfloat16, torch.float16):
+            wr = w.to(dt).float()  # the documented large-batch semantics: W rounded to x.dtype first
+            # identity: y = W rounded to dt, exactly (products with 1 and sums with 0 are exact)
+            x = torch.eye(k, dtype=dt)
+            a = (x, q.packed, q.absmax, q.quant_map, bs, n, k, None, q.nested_quant_map, q.nested_absmax,
+                 q.state.nested_offset, 256)
+            if not torch.equal(torch.ops.quantkit.lut4_linear(*a), w.to(dt).T.contiguous()):
+                bad.append(("eye", n, k, bs, dq, dt))
+            for m in (2, 9, 70):
+                for bias in (None, torch.randn(n).to(dt), torch.randn(n)):
+                    x = torch.randn(m, k).to(dt)
+                    a = (x, q.packed, q.absmax, q.quant_map, bs, n, k, bias, q.nested_quant_map,
+                         q.nested_absmax, q.state.nested_offset, 256)
+                    y = torch.ops.quantkit.lut4_linear(*a)
+                    if y.dtype != dt or y.shape != (m, n):
+                        bad.append(("meta", n, k, m, dt))
+                        continue
+                    y = y.float()
+                    prod = x.float() @ wr.T
+                    r = (prod + (bias.float() if bias is not None else 0)).to(dt).float()
+                    scale = r.abs().max().item() + 1e-6
+                    # tight: one ulp of dt (of the product or the result, a bias of another
+                    # dtype is added after the GEMM's own rounding) + fp32 summation order
+                    tol = ulp[dt] * torch.maximum(r.abs(), prod.abs()) + 1e-5 * scale
+                    if ((y - r).abs() > tol).any():
+                        bad.append(("tight", n, k, bs, dq, m, dt, bias is None))
+                    # loose: against the fp32-weight reference, bf16-level tolerance
+                    r32 = ops.lut4_linear_reference(*a).float()
+                    if (y - r32).abs().max().item() > 1e-2 * (r32.abs().max().item() + 1e-6):
+                        bad.append(("fp32ref", n, k, bs, dq, m, dt, bias is None))
+print(_C.cpu_isa(), len(bad), bad[:3])
+"""
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "scalar"])
+def test_half_gemm_path_rounds_weight_to_x_dtype(isa):
+    """bf16/fp16 x on the large-batch path: W is rounded to x.dtype (exactly as Tensor.to) and
+    the GEMM runs in that dtype with fp32 accumulation; checked tightly against a reference that
+    rounds W first, loosely (bf16 tolerance) against the fp32 reference, and exactly on eye(K)."""
+    env = {"QUANTKIT_LUT4_GEMM_M": "0"}
+    if isa != "native":
+        env["QUANTKIT_CPU_ISA"] = isa
+    out = _run(_CHECK_HALF_GEMM, **env)
+    got_isa, n_bad = out.split()[:2]
+    if isa == "avx2" and got_isa != "avx2":
+        pytest.skip(f"CPU has no AVX2 (kernels run {got_isa})")
+    assert n_bad == "0", out
+
+
+def test_half_threshold_override_keeps_fp32_path():
+    """QUANTKIT_LUT4_GEMM_M_HALF moves only bf16/fp16 to the GEMM path; fp32 stays fused/exact."""
+    code = """
+import torch, quantkit._ops as ops
+from quantkit.formats import lut4
+n, k = 24, 256
+q = lut4.quantize(torch.randn(n, k), "nf4", 64, True)
+w = torch.ops.quantkit.lut4_dequantize(q.packed, q.absmax, q.quant_map, 64, n, k, q.nested_quant_map,
+                                       q.nested_absmax, q.state.nested_offset, 256)
+def run(x):
+    return torch.ops.quantkit.lut4_linear(x, q.packed, q.absmax, q.quant_map, 64, n, k, None, q.nested_quant_map,
+                                          q.nested_absmax, q.state.nested_offset, 256)
+x = torch.eye(k)[:3]
+ok32 = torch.equal(run(x), w.T[:3].contiguous())
+okbf = torch.equal(run(x.bfloat16()), w.bfloat16().T[:3].contiguous())
+print(ok32, okbf)
+"""
+    assert _run(code, QUANTKIT_LUT4_GEMM_M_HALF="0") == "True True"
 
 
 def test_large_gemm_path_multiple_row_tiles():

@@ -173,6 +173,7 @@ def _run(code: str, **env) -> str:
 _CHECK_ALL_PATHS = """
 import torch, quantkit._ops as ops
 from quantkit.formats import lut4
+torch.manual_seed(0)  # deterministic data; seeds 1-6 were also checked clean on every path
 bad = []
 for (n, k) in [(40, 256), (7, 70), (6, 577), (3, 96)]:
     for bs in (32, 64, 128):

@@ -173,7 +173,7 @@ def _run(code: str, **env) -> str:
 _CHECK_ALL_PATHS = """
 import torch, quantkit._ops as ops
 from quantkit.formats import lut4
-torch.manual_seed(0)  # deterministic data; seeds 1-6 were also checked clean on every path
+torch.manual_seed(0)  # deterministic data; seeds 0-9 were also checked clean on every path
 bad = []
 for (n, k) in [(40, 256), (7, 70), (6, 577), (3, 96)]:
     for bs in (32, 64, 128):
@@ -182,7 +182,8 @@ for (n, k) in [(40, 256), (7, 70), (6, 577), (3, 96)]:
             q = lut4.quantize(w, "nf4", bs, dq)
             d = (q.packed, q.absmax, q.quant_map, bs, n, k, q.nested_quant_map, q.nested_absmax,
                  q.state.nested_offset, 256)
-            if not torch.equal(torch.ops.quantkit.lut4_dequantize(*d), ops.lut4_dequantize_reference(*d)):
+            W = ops.lut4_dequantize_reference(*d)
+            if not torch.equal(torch.ops.quantkit.lut4_dequantize(*d), W):
                 bad.append(("deq", n, k, bs, dq))
             for m in (1, 2, 5, 9, 20):
                 for dt in (torch.float32, torch.bfloat16):
@@ -191,8 +192,16 @@ for (n, k) in [(40, 256), (7, 70), (6, 577), (3, 96)]:
                          q.nested_absmax, q.state.nested_offset, 256)
                     y = torch.ops.quantkit.lut4_linear(*a).float()
                     r = ops.lut4_linear_reference(*a).float()
-                    tol = (1e-5 if dt == torch.float32 else 1e-2) * (r.abs().max().item() + 1e-6)
-                    if (y - r).abs().max().item() > tol:
+                    # Elementwise bound, not a fraction of max|r| (outputs can nearly cancel):
+                    # fp32: summation order, ~k*eps*|x||W| with margin; bf16: W may be rounded to
+                    # bf16 on the GEMM path (2^-9 per product) and the output is rounded to bf16
+                    # (twice when an fp32 bias is added after the GEMM), each doubled for margin.
+                    mag = x.float().abs() @ W.abs().T
+                    if dt == torch.float32:
+                        bound = mag * 1e-5 + r.abs() * 1e-6 + 1e-6
+                    else:
+                        bound = mag * 2.0 ** -8 + r.abs() * 2.0 ** -7 + 1e-6
+                    if ((y - r).abs() > bound).any():
                         bad.append(("lin", n, k, bs, dq, m, dt))
 from quantkit import _C
 print(_C.cpu_isa(), len(bad), bad[:3])

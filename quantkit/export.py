@@ -63,6 +63,19 @@ def check_exportable(modules: dict, target: str) -> None:
                      f"{target}: {target} supports only {valid}")
 
 
+def check_export_paths(out: Union[str, Path], dest: Union[str, Path], overwrite: bool) -> tuple[Path, Path]:
+    """Refuse a missing artifact, an existing ``dest`` (unless ``overwrite``) or ``dest == out``,
+    before anything is loaded. Shared by ``export`` and every target's exporter."""
+    out, dest = Path(out), Path(dest)
+    if not out.is_dir():
+        raise UsageError(f"{out} does not exist or is not a folder")
+    if dest.exists() and not overwrite:
+        raise UsageError(f"output {dest} already exists; pass --overwrite (overwrite=True) to replace it")
+    if dest.resolve() == out.resolve():
+        raise UsageError(f"export destination {dest} is the artifact itself; choose another folder")
+    return out, dest
+
+
 def export(out: Union[str, Path], to: str, dest: Union[str, Path], overwrite: bool = False) -> Path:
     """Export the artifact ``out`` to ``dest`` for target ``to`` ("hf-bnb" or "onnx"); returns ``dest``.
 
@@ -72,13 +85,7 @@ def export(out: Union[str, Path], to: str, dest: Union[str, Path], overwrite: bo
     """
     if to not in TARGETS:
         raise UsageError(f"unknown export target {to!r}; valid targets: {', '.join(TARGETS)}")
-    out, dest = Path(out), Path(dest)
-    if not out.is_dir():
-        raise UsageError(f"{out} does not exist or is not a folder")
-    if dest.exists() and not overwrite:  # refuse before loading anything
-        raise UsageError(f"output {dest} already exists; pass --overwrite (overwrite=True) to replace it")
-    if dest.resolve() == out.resolve():
-        raise UsageError(f"export destination {dest} is the artifact itself; choose another folder")
+    out, dest = check_export_paths(out, dest, overwrite)
     if to == "hf-bnb":
         from quantkit.io.hf_bnb import export_hf_bnb
         return export_hf_bnb(out, dest, overwrite=overwrite)

@@ -15,7 +15,6 @@ weight bytes (packed + scales for ours, 2*N*K for dense bf16) and our share of d
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -23,19 +22,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from _report import cpu_model
+
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "576x576", "1536x576", "576x1536", "192x576"]
 QUICK_SHAPES = ["4096x4096", "576x1536"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def bench(fn, min_reps: int, budget_s: float) -> float:

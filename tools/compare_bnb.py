@@ -19,6 +19,7 @@ import time
 import torch
 
 import quantkit
+from _report import emit
 from quantkit.eval.perplexity import perplexity
 from quantkit.models.text import default_text
 from quantkit.nn import Lut4Linear
@@ -87,10 +88,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines) + (f"\n\n{args.model}, {fp.n_tokens} tokens of the shipped eval excerpt, seq_len "
                                 f"{args.seq_len}, fp32 activations, {torch.get_num_threads()} threads; "
                                 f"kernels: {quantkit._ops.native_status()}")
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    emit(table, args.markdown)
     return 0
 
 

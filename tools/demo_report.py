@@ -10,7 +10,6 @@ windows and the same thread count, so they compare directly.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 import quantkit
+from _report import cpu_model, emit
 from quantkit.cli import inspect_artifact
 from quantkit.eval.perplexity import perplexity
 from quantkit.eval.speed import decode_speed
@@ -73,16 +73,12 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['recipe']} | {r['bits']} | {r['size_mb']:.1f} | {r['ppl']:.3f} | "
                      f"{r['tps_fp32']:.1f} | {r['tps_bf16']:.1f} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     foot = (f"\n{rows[0]['tokens']} eval tokens (shipped Python-docs excerpt), seq_len {args.seq_len}; "
             f"{args.new_tokens} greedy new tokens; {torch.get_num_threads()} threads; {cpu}; torch {torch.__version__}; "
             f"kernels: {quantkit._ops.native_status()}")
     table = "\n".join(lines) + foot
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+    emit(table, args.markdown)
     return 0
 
 

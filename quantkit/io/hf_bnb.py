@@ -121,13 +121,9 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     from torch import nn
     from transformers import AutoConfig
 
-    from quantkit.export import check_exportable
+    from quantkit.export import check_exportable, check_export_paths
 
-    out_dir, dest = Path(out_dir), Path(dest)
-    if not out_dir.is_dir():
-        raise UsageError(f"{out_dir} does not exist or is not a folder")
-    if dest.exists() and not overwrite:
-        raise UsageError(f"output {dest} already exists; pass --overwrite (overwrite=True) to replace it")
+    out_dir, dest = check_export_paths(out_dir, dest, overwrite)
     info = read_metadata(out_dir)
     modules = info["modules"]
     if not modules:

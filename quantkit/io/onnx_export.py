@@ -205,14 +205,10 @@ def _quiet_exporter():
 
 def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bool = False) -> Path:
     """Write ``dest``: ``model.onnx`` (input_ids -> logits) plus config and tokenizer files."""
-    from quantkit.export import check_exportable
+    from quantkit.export import check_exportable, check_export_paths
     from quantkit.io.artifact import load
 
-    out_dir, dest = Path(out_dir), Path(dest)
-    if not out_dir.is_dir():
-        raise UsageError(f"{out_dir} does not exist or is not a folder")
-    if dest.exists() and not overwrite:
-        raise UsageError(f"output {dest} already exists; pass --overwrite (overwrite=True) to replace it")
+    out_dir, dest = check_export_paths(out_dir, dest, overwrite)
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401

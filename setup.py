@@ -32,7 +32,10 @@ def _extension():
     # reference's separate mul and add, never be fused into an FMA.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
+    # csrc/cuda: torch-free kernels (*.cu) plus thin torch bindings (*_binding.cpp); both only
+    # in a CUDA build, so a CPU torch never sees a CUDA include.
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    cuda_bindings = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
     want_cuda = (
         os.environ.get("QUANTKIT_NO_CUDA", "0") != "1"
         and torch.version.cuda is not None
@@ -42,12 +45,15 @@ def _extension():
     if want_cuda:
         from torch.utils.cpp_extension import CUDAExtension
 
+        # Without a visible GPU torch cannot pick target architectures (it fails with an
+        # IndexError); default to Ampere..Hopper. nvcc 13 has no sm_70.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0")
         return CUDAExtension(
             "quantkit._C",
-            sources + cuda_sources,
+            sources + cuda_sources + cuda_bindings,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("QUANTKIT_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             extra_link_args=link,
         )
     return CppExtension(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from torch import nn
 
@@ -33,14 +33,18 @@ def load_model(spec: Union[str, Path], dtype=None) -> nn.Module:
 
 def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, str, Path, dict], *,
              inplace: bool = False, progress: bool = True, allow_empty: bool = False,
-             allow_nonfinite: bool = False) -> nn.Module:
+             allow_nonfinite: bool = False, calib_text: Optional[str] = None) -> nn.Module:
     """Apply ``recipe``'s passes to a model and return the compressed model.
 
     model_or_path: an ``nn.Module`` (copied first unless ``inplace``) or anything
         ``load_model`` accepts. recipe: a Recipe, a dict, a YAML path or a shipped name.
+    calib_text: text for calibrated passes (DB-LLM, BitStack); default the shipped
+        calibration excerpt. They tokenize it with the model's tokenizer
+        (``model._quantkit_tokenizer``, which ``load_model`` attaches).
     Raises UsageError if a pass matches no module (unless ``allow_empty``) and
     QuantkitError if a weight holds NaN/Inf (unless ``allow_nonfinite``).
     """
+    from quantkit.calibration import calib_source
     from quantkit.models.loading import check_finite
 
     recipe = load_recipe(recipe)
@@ -50,8 +54,14 @@ def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, s
         model = load_model(model_or_path)
     if not allow_nonfinite:
         check_finite(model)
+    calib = None
     for i, entry in enumerate(recipe.passes):
-        changed = PASSES[entry.name].apply(model, entry.config, progress=progress)
+        spec = PASSES[entry.name]
+        if spec.calibrated:
+            calib = calib or calib_source(model, calib_text)
+            changed = spec.apply(model, entry.config, progress=progress, calib=calib)
+        else:
+            changed = spec.apply(model, entry.config, progress=progress)
         if not changed and not allow_empty:
             raise UsageError(f"recipe {recipe.name!r} pass {i} ({entry.name}) matched no module; check its "
                              "targets/ignore patterns (or pass allow_empty=True / --allow-empty)")

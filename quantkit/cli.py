@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted compress of the same MODEL and RECIPE into OUT from its last "
                         "finished block (kept in .OUT.partial next to OUT)")
+    c.add_argument("--calib-text", metavar="FILE",
+                   help="UTF-8 text for calibrated passes such as DB-LLM and BitStack (default: the calibration "
+                        "excerpt shipped with quantkit)")
     c.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="split OUT's weights into safetensors shards of at most SIZE (e.g. 500MB, 2GB; default 2GB)")
     _add_common(c)
@@ -153,12 +156,17 @@ def cmd_compress(args) -> int:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     max_shard = parse_size(args.max_shard_size)
     recipe = load_recipe(args.recipe)
+    calib_text = None
+    if args.calib_text:
+        from quantkit.models.text import read_text
+        calib_text = read_text(args.calib_text)
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         compress_to_dir(args.model, recipe, out, overwrite=args.overwrite, resume=args.resume,
                         allow_empty=args.allow_empty, allow_nonfinite=args.allow_nonfinite,
-                        progress=not args.quiet, max_shard_bytes=max_shard, status=lambda msg: _status(args, msg))
+                        progress=not args.quiet, max_shard_bytes=max_shard, status=lambda msg: _status(args, msg),
+                        calib_text=calib_text)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -315,7 +315,7 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
                     overwrite: bool = False, resume: bool = False, allow_empty: bool = False,
                     allow_nonfinite: bool = False, progress: bool = True,
                     max_shard_bytes: int = shards.DEFAULT_SHARD_BYTES,
-                    status: Optional[Callable[[str], None]] = None) -> Path:
+                    status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None) -> Path:
     """Compress ``model`` (anything ``quantkit.load_model`` accepts) into the artifact folder ``out``.
 
     What ``quantkit compress`` runs: a Hugging Face folder of safetensors is compressed block
@@ -335,6 +335,9 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     source = resolve_model_source(str(model))
     plan = plan_streaming(source) if source.kind == "hf-folder" else None
+    calibrated = [e.name for e in recipe.passes if PASSES[e.name].calibrated]
+    if plan is not None and not isinstance(plan, str) and calibrated:
+        plan = f"pass {calibrated[0]} needs calibration activations, which block-by-block compress does not run"
     if isinstance(plan, str):
         status(f"loading {model} whole: {plan}")
         plan = None
@@ -351,6 +354,6 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
     loaded = load_model(model)
     status(f"applying recipe {recipe.name!r} ({passes})")
     loaded = compress(loaded, recipe, inplace=True, progress=progress, allow_empty=allow_empty,
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, calib_text=calib_text)
     status(f"writing {out}")
     return artifact.save(loaded, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

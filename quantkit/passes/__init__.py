@@ -9,7 +9,10 @@ the same result per module whether it runs on the whole model or block by block.
 To add a pass: write ``passes/<name>.py`` with a frozen config dataclass and ``apply``,
 then add one line here.
 
-Calibrated passes (planned: DB-LLM, BitStack) set ``calibrated=True``. Their intended
+Calibrated passes (DB-LLM, BitStack) set ``calibrated=True``; ``quantkit.compress`` then
+calls ``apply(model, config, progress, scope="", calib=CalibSource)`` (quantkit/calibration.py:
+token windows from ``--calib-text`` or the shipped excerpt) on the whole, full-precision
+model, and ``quantkit compress`` loads a model whole for them. Their intended
 life cycle under streaming compress (quantkit/streaming.py), one block at a time:
   1. initialize: before the first block, the calibration token ids are embedded (the
      embedding unit is materialized first anyway) into the block inputs ``x``;

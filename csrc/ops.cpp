@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/intk_linear.h"
 #include "cpu/lut4_linear.h"
 
 namespace quantkit {
@@ -227,6 +228,109 @@ at::Tensor lut4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("lut4_dequantize", &quantkit::lut4_dequantize_cpu);
   m.impl("lut4_linear", &quantkit::lut4_linear_cpu);
+}
+
+// ---- int-k (quantkit/formats/intk.py) ------------------------------------------------------
+namespace quantkit {
+namespace {
+
+// Largest m that intk_linear runs on the decode-and-dot kernel; above it the weight is
+// decoded into fp32 row tiles and MKL sgemm runs (the dot kernel re-reads x per weight row
+// and cannot block like a GEMM). QUANTKIT_INTK_GEMM_M=<m> overrides (tests, benchmarks).
+int64_t intk_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_INTK_GEMM_M");
+    return e ? std::atoll(e) : int64_t{8};
+  }();
+  return v;
+}
+
+cpu::IntKWeight make_intk(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                          int64_t rows, int64_t cols, const char* op) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be 1..8, got ", bits);
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": weight shape n=", rows, ", k=", cols, " must be non-negative");
+  const int64_t rb = (cols * bits + 7) / 8;
+  TORCH_CHECK(packed.device().is_cpu() && scale.device().is_cpu(), op, ": CPU kernel got tensors on ",
+              packed.device(), "/", scale.device());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == rows &&
+                  packed.size(1) == rb,
+              op, ": packed must be uint8 [", rows, ", ", rb, "] for n=", rows, " x k=", cols, " at ", bits,
+              " bits, got ", packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == rows, op, ": scale must be fp32 [", rows,
+              "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous(), op, ": packed and scale must be contiguous");
+  cpu::IntKWeight w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.bits = static_cast<int>(bits);
+  w.offset = static_cast<float>(offset);
+  w.rows = rows;
+  w.cols = cols;
+  w.row_bytes = rb;
+  return w;
+}
+
+at::Tensor intk_dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                               int64_t rows, int64_t cols) {
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, rows, cols, "intk_dequantize");
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(at::kFloat));
+  if (rows * cols > 0) cpu::intk_dequantize_rows(w, 0, rows, out.data_ptr<float>());
+  return out;
+}
+
+// y = (x.float() @ W.T + bias.float()).to(x.dtype): bf16/fp16 x is widened to fp32 first, so
+// every dtype computes what the reference computes (up to summation order).
+at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                           double offset, int64_t out_features, int64_t in_features,
+                           const std::optional<at::Tensor>& bias) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "intk_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is n=", n, " x k=", k);
+  TORCH_CHECK(x.device().is_cpu(), "intk_linear: CPU kernel got x on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "intk_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, n, k, "intk_linear");
+  const int64_t m = k > 0 ? x.numel() / k : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->device().is_cpu(), "intk_linear: bias has ", bias->numel(),
+                " entries but n=", n, " (m=", m, ", k=", k, ")");
+    bf = bias->to(at::kFloat).contiguous().reshape({n});
+  }
+  if (m == 0 || n == 0 || k == 0) {
+    at::Tensor y = at::zeros(out_shape, x.options().dtype(at::kFloat));
+    if (bias.has_value() && y.numel() > 0) y = y + bf;
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor x2 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, x2.options());
+  if (m <= intk_gemm_threshold()) {
+    cpu::intk_gemm_small(w, x2.data_ptr<float>(), m, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>());
+  } else {
+    // 8 MB fp32 tiles in one reused buffer (as lut4_linear: a full-size copy is a fresh mmap)
+    const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
+    at::Tensor wbuf = at::empty({tile, k}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      at::Tensor wt = wbuf.narrow(0, 0, nt);
+      cpu::intk_dequantize_rows(w, n0, n0 + nt, wt.data_ptr<float>());
+      at::Tensor yt = y.narrow(1, n0, nt);
+      at::mm_out(yt, x2, wt.t());
+    }
+    if (bias.has_value()) y.add_(bf);
+  }
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("intk_dequantize", &quantkit::intk_dequantize_cpu);
+  m.impl("intk_linear", &quantkit::intk_linear_cpu);
 }
 
 // ---- Python module: importing it runs the static registration above -------------------

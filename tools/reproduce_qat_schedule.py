@@ -75,7 +75,7 @@ class Setup:
 
 QUICK = dict(hidden=64, layers=2, ffn=128, heads=2, vocab=320, seq=64, batch=8, budgets=(20_000, 40_000),
              bits=(4,), fractions=(0.0, 0.2, 0.5, 1.0), classic_budget=1, classic_fractions=(0.5,),
-             warmup_steps=5, val_windows=16, bf16=False, text="shipped")
+             warmup_steps=5, val_windows=16, bf16=False, text="shipped", threads=1)
 
 
 # ---------------------------------------------------------------------------------------------

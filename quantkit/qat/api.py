@@ -29,7 +29,10 @@ def prepare(model: nn.Module, recipe: Union[str, Path, Recipe, dict], *, plan: O
 
     recipe: a YAML path, a shipped recipe name (``qat-int4``), a Recipe or a dict whose passes
     are all ``qat`` passes. plan: supplies ``start: plan`` (its ``qat_start``) and the run
-    length for fractional start/end; total_steps: the run length without a plan. The modules
+    length for fractional start/end; default: the plan most recently made by
+    ``quantkit.qat.plan`` in this process, used only for keys that need one (so
+    ``prepare(model, recipe)`` right after ``plan(...)`` does what the README shows).
+    total_steps: the run length when there is no plan. The modules
     start in full precision; call ``step(model, step)`` each training step. Call it before
     wrapping the model in DDP/FSDP and before building the optimizer (α are new parameters).
     Returns ``model``.
@@ -41,7 +44,13 @@ def prepare(model: nn.Module, recipe: Union[str, Path, Recipe, dict], *, plan: O
                          f"{bad[0]!r} (apply post-training passes with quantkit.compress)")
     if plan is not None and total_steps is not None and plan.total_steps != total_steps:
         raise UsageError(f"total_steps={total_steps} disagrees with the plan's {plan.total_steps}")
-    run_steps = plan.total_steps if plan is not None else total_steps
+    if plan is None:
+        from quantkit.qat.schedule import last_plan
+
+        plan = last_plan()
+        if plan is not None and total_steps is not None:
+            plan = None if plan.total_steps != total_steps else plan
+    run_steps = total_steps if total_steps is not None else (plan.total_steps if plan is not None else None)
     plan_start = plan.qat_start if plan is not None else None
     changed = 0
     for i, entry in enumerate(recipe.passes):

@@ -174,6 +174,20 @@ def plan(n_params: int, total_tokens: int, bits: float, *, tokens_per_step: Opti
         qat_warmup_steps = warmup_steps
     if warmup_steps < 0 or qat_warmup_steps < 0:
         raise UsageError("warmup steps must be >= 0")
-    return QATPlan(int(n_params), int(total_tokens), float(bits), int(total_steps), tps, s, f, qat_start,
-                   schedule, float(peak_lr), float(min_lr), int(warmup_steps), int(qat_warmup_steps),
-                   float(cooldown_fraction), decay)
+    global _LAST_PLAN
+    _LAST_PLAN = QATPlan(int(n_params), int(total_tokens), float(bits), int(total_steps), tps, s, f, qat_start,
+                         schedule, float(peak_lr), float(min_lr), int(warmup_steps), int(qat_warmup_steps),
+                         float(cooldown_fraction), decay)
+    return _LAST_PLAN
+
+
+_LAST_PLAN: Optional[QATPlan] = None
+
+
+def last_plan() -> Optional[QATPlan]:
+    """The plan most recently returned by ``plan()`` in this process (None before the first).
+
+    ``prepare(model, recipe)`` without ``plan=`` falls back to it, so the issue's three-line
+    recipe (plan, prepare, step) works as written; pass ``plan=`` to be explicit.
+    """
+    return _LAST_PLAN

@@ -74,6 +74,11 @@ def test_start_as_fraction_step_and_plan(tiny):
     plan = qat.plan(n_params=10**6, total_tokens=10**5, bits=3, total_steps=40, qat_fraction=0.5)
     assert starts("plan", plan=plan) == {20}
     assert starts(0.75, plan=plan) == {30}
+    assert starts("plan") == {20}  # the most recent plan() of this process
+    assert starts(0.5) == {20}
+    import quantkit.qat.schedule as sched
+
+    sched._LAST_PLAN = None
     with pytest.raises(UsageError, match="needs a plan"):
         starts("plan")
     with pytest.raises(UsageError, match="fraction of the run"):
@@ -211,3 +216,25 @@ def test_qat_beats_round_to_nearest_at_2_bits(tiny_llama_dir):
         opt.step()
     qat.convert(model)
     assert qloss(model) < qloss(rtn) - 0.05
+
+
+def test_the_issue_snippet_as_written(tiny):
+    """plan -> prepare(model, recipe) -> step / lr -> convert, exactly the README's lines."""
+    N, D = sum(p.numel() for p in tiny.parameters()), 40 * 2 * 16
+    plan = quantkit.qat.plan(n_params=N, total_tokens=D, bits=4, tokens_per_step=2 * 16, qat_fraction=0.25)
+    model = quantkit.qat.prepare(tiny, RECIPES / "qat-int4.yaml")
+    assert {m.start for m in qat.qat_modules(model).values()} == {plan.qat_start} == {30}
+    opt = torch.optim.AdamW(qat.param_groups(model, 0.0), lr=1e-3)
+    ids = _ids(model, t=16)
+    seen = []
+    for step in range(plan.total_steps):
+        for g in opt.param_groups:
+            g["lr"] = plan.lr(step)
+        seen.append(quantkit.qat.step(model, step))
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert seen == [s >= 30 for s in range(40)]
+    model = quantkit.qat.convert(model)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, IntKLinear)

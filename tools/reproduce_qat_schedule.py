@@ -419,6 +419,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=str, default=None, help="comma-separated token budgets")
     ap.add_argument("--bits", type=str, default=None, help="comma-separated bit widths")
     ap.add_argument("--fractions", type=str, default=None, help="comma-separated QAT fractions")
+    ap.add_argument("--no-classic", action="store_true", help="skip the classic-cooldown comparison runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --quick 1)")
     args = ap.parse_args(argv)
     s = Setup(**QUICK) if args.quick else Setup()
     if args.budgets:
@@ -427,6 +429,10 @@ def main(argv=None) -> int:
         s.bits = tuple(int(x) for x in args.bits.split(","))
     if args.fractions:
         s.fractions = tuple(float(x) for x in args.fractions.split(","))
+    if args.no_classic:
+        s.classic_fractions = ()
+    if args.threads:
+        s.threads = args.threads
     tag = "quick" if args.quick else "sweep"
     docs = args.docs or (Path("/tmp/qat_quick") if args.quick else ROOT / "docs")
     csv_path = args.csv or docs / f"qat_{tag}.csv"

@@ -111,13 +111,13 @@ def convert_module(m: QATLinear) -> nn.Module:
 def convert(model: nn.Module) -> nn.Module:
     """Replace every QATLinear (in place) by the packed module of its quantized weight: the
     same modules, kernels and artifact format as the PTQ passes (``quantkit.save`` works).
-    A module whose QAT never started is rounded to nearest with its initial scales. Returns
-    ``model`` (on the CPU modules' device: packed modules are built on CPU)."""
+    A module whose QAT never started is rounded to nearest with its initial scales. Packing
+    runs on CPU; each packed module is then moved to its weight's device. Returns ``model``."""
     mods = qat_modules(model)
     if not mods:
         raise UsageError("quantkit.qat.convert: the model has no QAT modules; call quantkit.qat.prepare first")
     for name, m in mods.items():
-        replace_module(model, name, convert_module(m))
+        replace_module(model, name, convert_module(m).to(m.weight.device))
     return model
 
 

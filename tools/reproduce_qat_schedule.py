@@ -347,7 +347,15 @@ def classic_vs_fused(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fp_reference(rows: list[dict], budget: int) -> float:
+    """The full-precision loss at ``budget``: the f = 0 run before rounding (NaN if not run)."""
+    fp = [r["val_loss_fp"] for r in rows if r["budget_tokens"] == budget and r["qat_fraction"] == 0.0
+          and r["schedule"] == "fused" and not math.isnan(r["val_loss_fp"])]
+    return fp[0] if fp else float("nan")
+
+
 def plot(rows: list[dict], png: Path) -> None:
+    """Quantized loss minus the same budget's FP loss, against the QAT fraction, per bit width."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,25 +367,28 @@ def plot(rows: list[dict], png: Path) -> None:
         budgets = sorted({r["budget_tokens"] for r in rows if r["bits"] == bits})
         for i, budget in enumerate(budgets):
             color = f"C{i}"
+            ref = fp_reference(rows, budget)
             pts = sorted((r for r in rows if r["bits"] == bits and r["budget_tokens"] == budget
                           and r["schedule"] == "fused"), key=lambda r: r["qat_fraction"])
-            if not pts:
+            if not pts or math.isnan(ref):
                 continue
-            ax.plot([r["qat_fraction"] for r in pts], [r["val_loss_q"] for r in pts], "o-", color=color,
-                    label=f"D={budget / 1e6:.2g}M tok (S={pts[0]['S']:.2g})")
+            ax.plot([r["qat_fraction"] for r in pts], [r["val_loss_q"] - ref for r in pts], "o-", color=color,
+                    label=f"D={budget / 1e6:.3g}M tok, S={pts[0]['S']:.2g} (FP loss {ref:.3f})")
             best = min(pts, key=lambda r: r["val_loss_q"])
-            ax.plot([best["qat_fraction"]], [best["val_loss_q"]], "*", color=color, markersize=14)
+            ax.plot([best["qat_fraction"]], [best["val_loss_q"] - ref], "*", color=color, markersize=14)
             ax.axvline(pts[0]["predicted_fraction"], color=color, linestyle=":", linewidth=1)
             cl = [r for r in rows if r["bits"] == bits and r["budget_tokens"] == budget and r["schedule"] == "classic"]
             if cl:
-                ax.plot([r["qat_fraction"] for r in cl], [r["val_loss_q"] for r in cl], "x", color=color,
-                        markersize=9, label=f"classic cooldown, D={budget / 1e6:.2g}M")
+                ax.plot([r["qat_fraction"] for r in cl], [r["val_loss_q"] - ref for r in cl], "x", color=color,
+                        markersize=10, mew=2, label=f"classic cooldown, D={budget / 1e6:.3g}M")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(f"{bits}-bit weights ({qat.quantizers.default_grid(bits)})")
         ax.set_xlabel("QAT fraction of training tokens")
-        ax.set_ylabel("validation loss, quantized model")
+        ax.set_ylabel("quantized val loss − FP val loss (same D), nats")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("QAT fraction sweep (★ empirical optimum, dotted: quantkit.qat.plan prediction)", fontsize=10)
+    fig.suptitle("QAT fraction sweep, 2.0M-param Llama (★ empirical optimum; dotted: plan's prediction)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from quantkit.passes import ptq_lut4
+from quantkit.passes import bitstack, ptq_lut4
 
 
 @dataclass(frozen=True)
@@ -49,4 +49,6 @@ PASSES: dict[str, PassSpec] = {
                     "4-bit NormalFloat PTQ, bitsandbytes layout"),
     "fp4": PassSpec("fp4", ptq_lut4.Lut4PassConfig, partial(ptq_lut4.apply, quant_type="fp4"),
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
+    "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,
+                         "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True),
 }

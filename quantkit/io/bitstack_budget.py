@@ -88,19 +88,12 @@ def bitstack_modules(info: dict) -> dict:
     return {n: s for n, s in info["modules"].items() if s.get("format") == FORMAT}
 
 
-def _tensor_bytes(entry: dict) -> int:
-    begin, end = entry["data_offsets"]
-    return end - begin
-
-
-def make_plan(info: dict, extra_bytes: int = 0) -> BudgetPlan:
+def make_plan(info: dict, fixed: int) -> BudgetPlan:
     """The plan for the artifact described by ``artifact.read_metadata``'s ``info``.
 
-    extra_bytes: tensors the loaded model holds that the file does not (non-persistent buffers).
+    fixed: bytes the loaded model holds outside its BitStack blocks (``artifact.fixed_bytes``).
     """
     mods = bitstack_modules(info)
-    packed = {f"{name}.{k}" for name in mods for k in PACKED_KEYS}
-    fixed = sum(_tensor_bytes(e) for k, e in info["tensors"].items() if k not in packed) + extra_bytes
     block_bytes, n_blocks, entries = {}, {}, []
     for name, spec in mods.items():
         try:

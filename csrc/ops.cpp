@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/bitstack_linear.h"
 #include "cpu/intk_linear.h"
 #include "cpu/lut4_linear.h"
 
@@ -333,12 +334,110 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("intk_linear", &quantkit::intk_linear_cpu);
 }
 
+// ---- BitStack (csrc/cpu/bitstack_linear.cpp) ----------------------------------------------
+namespace quantkit {
+namespace {
+
+// Largest number of x rows run on the table-lookup kernel (no dense W); above it the
+// weight is rebuilt once (u_i v_i by MKL, signs applied) and a GEMM runs. Measured in
+// docs/benchmarks.md (BitStack section); QUANTKIT_BITSTACK_GEMM_M=<m> overrides.
+int64_t bitstack_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_BITSTACK_GEMM_M");
+    return e ? std::atoll(e) : int64_t{4};
+  }();
+  return v;
+}
+
+cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(signs.dim() == 3 && u.dim() == 3 && v.dim() == 3, op,
+              ": signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got ", signs.sizes(), ", ",
+              u.sizes(), ", ", v.sizes());
+  TORCH_CHECK(signs.scalar_type() == at::kByte && u.scalar_type() == at::kHalf && v.scalar_type() == at::kHalf, op,
+              ": signs must be uint8 and u, v float16; got ", signs.scalar_type(), ", ", u.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(signs.device().is_cpu() && u.device().is_cpu() && v.device().is_cpu(), op,
+              ": CPU kernel got tensors on ", signs.device(), "/", u.device(), "/", v.device());
+  const int64_t b = u.size(0), m = u.size(1), k = u.size(2), n = v.size(2);
+  TORCH_CHECK(b >= 1 && signs.size(0) == b && v.size(0) == b, op, ": block counts differ: signs ", signs.size(0),
+              ", u ", b, ", v ", v.size(0));
+  TORCH_CHECK(v.size(1) == k, op, ": u has rank k=", k, " but v is ", v.sizes());
+  TORCH_CHECK(signs.size(1) == m && signs.size(2) == (n + 7) / 8, op, ": signs is ", signs.sizes(), " but an m=", m,
+              " x n=", n, " weight needs [", b, ", ", m, ", ", (n + 7) / 8, "]");
+  TORCH_CHECK(signs.is_contiguous() && u.is_contiguous() && v.is_contiguous(), op,
+              ": signs, u and v must be contiguous");
+  cpu::BitStackWeight w{};
+  w.signs = signs.data_ptr<uint8_t>();
+  w.u = reinterpret_cast<const uint16_t*>(u.data_ptr<at::Half>());
+  w.v = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+  w.b = b;
+  w.m = m;
+  w.n = n;
+  w.k = k;
+  return w;
+}
+
+at::Tensor bitstack_dequantize_cpu(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v) {
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, "bitstack_dequantize");
+  at::Tensor out = at::empty({w.m, w.n}, u.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  for (int64_t i = 0; i < w.b; ++i) {
+    const at::Tensor uv = at::mm(u[i].to(at::kFloat), v[i].to(at::kFloat)).contiguous();  // MKL, [m, n]
+    cpu::bitstack_apply_signs(w.signs + i * w.m * ((w.n + 7) / 8), uv.data_ptr<float>(), w.m, w.n, i == 0,
+                              out.data_ptr<float>());
+  }
+  return out;
+}
+
+at::Tensor bitstack_linear_cpu(const at::Tensor& x, const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias) {
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, "bitstack_linear");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.n, "bitstack_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is m=", w.m, " x n=", w.n);
+  TORCH_CHECK(x.device().is_cpu(), "bitstack_linear: CPU kernel got x on ", x.device());
+  const DType xt = to_dtype(x, "x");
+  const int64_t rows = w.n > 0 ? x.numel() / w.n : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.m;
+  DType bt = DType::F32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == w.m && bias->device().is_cpu(), "bitstack_linear: bias has ", bias->numel(),
+                " entries but m=", w.m);
+    bt = to_dtype(*bias, "bias");
+  }
+  if (rows == 0 || w.m == 0 || w.n == 0 || rows > bitstack_gemm_threshold()) {
+    // Prefill / large batch: rebuild W once and let MKL run the GEMM (the lookup kernel
+    // rebuilds its tables per row of x, so its cost grows with rows).
+    at::Tensor wd = bitstack_dequantize_cpu(signs, u, v);
+    at::Tensor y = at::matmul(x.to(at::kFloat), wd.t());
+    if (bias.has_value()) y = y + bias->to(at::kFloat);
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cpu::bitstack_gemv(w, xc.data_ptr(), xt, rows, bias.has_value() ? bc.data_ptr() : nullptr, bt, y.data_ptr());
+  return y;
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("bitstack_dequantize", &quantkit::bitstack_dequantize_cpu);
+  m.impl("bitstack_linear", &quantkit::bitstack_linear_cpu);
+}
+
 // ---- Python module: importing it runs the static registration above -------------------
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::lut4_cpu_isa()); }
+PyObject* bitstack_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(quantkit::cpu::bitstack_cpu_isa());
+}
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Vector ISA the lut4 CPU kernels use: avx512, avx2 or scalar."},
+    {"bitstack_cpu_isa", bitstack_cpu_isa, METH_NOARGS, "Vector ISA the BitStack CPU kernels use."},
     {nullptr, nullptr, 0, nullptr},
 };
 

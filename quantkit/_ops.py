@@ -37,6 +37,8 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     rounding (relative 2^-9 per weight for bf16, 2^-12 for fp16; fp16 weights beyond
     +-65504 become inf, as W.to(torch.float16) does). Small batches (the fused decode kernel)
     keep fp32 weights for every dtype.
+bitstack_dequantize(signs, u, v) / bitstack_linear(x, signs, u, v, bias?)
+    BitStack residual blocks; documented in the BitStack section below.
 """
 
 from __future__ import annotations
@@ -263,6 +265,99 @@ torch.library.register_autograd("quantkit::intk_linear", _intk_linear_backward,
 
 
 # ----------------------------------------------------------------------------------------
+# BitStack (quantkit/formats/bitstack.py): b residual blocks, each S_i ⊙ (u_i v_i)
+# ----------------------------------------------------------------------------------------
+# bitstack_dequantize(signs, u, v) -> Tensor
+#     signs uint8 [b, m, ceil(n/8)] (bit 1 = +1, MSB first per row), u fp16 [b, m, k],
+#     v fp16 [b, k, n]; returns fp32 [m, n] = Σ_i S_i ⊙ (u_i v_i) (u, v read as fp32).
+# bitstack_linear(x, signs, u, v, bias?) -> Tensor
+#     x [..., n] fp32/bf16/fp16 -> [..., m] in x.dtype; y = x @ Ŵᵀ + bias with Ŵ the
+#     dequantized weight above, accumulated in fp32. The native CPU kernel never builds Ŵ for
+#     a few rows of x (decode): it uses y_r = Σ_i Σ_j u_i[r,j] Σ_c S_i[r,c] v_i[j,c] x_c
+#     (csrc/cpu/bitstack_linear.cpp); above a row threshold it rebuilds Ŵ and runs a GEMM.
+_lib.define("bitstack_dequantize(Tensor signs, Tensor u, Tensor v) -> Tensor")
+_lib.define("bitstack_linear(Tensor x, Tensor signs, Tensor u, Tensor v, Tensor? bias) -> Tensor")
+
+
+def _check_bitstack_args(signs, u, v) -> None:
+    torch._check(signs.dim() == 3 and u.dim() == 3 and v.dim() == 3,
+                 lambda: f"bitstack: signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got "
+                         f"{list(signs.shape)}, {list(u.shape)}, {list(v.shape)}")
+    torch._check(signs.dtype == torch.uint8 and u.dtype == torch.float16 and v.dtype == torch.float16,
+                 lambda: f"bitstack: signs must be uint8 and u, v float16; got {signs.dtype}, {u.dtype}, {v.dtype}")
+    b, m, k = u.shape
+    n = v.shape[2]
+    torch._check(b >= 1 and signs.shape[0] == b and v.shape[0] == b,
+                 lambda: f"bitstack: block counts differ: signs {signs.shape[0]}, u {b}, v {v.shape[0]}")
+    torch._check(v.shape[1] == k, lambda: f"bitstack: u has rank k={k} but v is {list(v.shape)}")
+    torch._check(signs.shape[1] == m and signs.shape[2] == (n + 7) // 8,
+                 lambda: f"bitstack: signs is {list(signs.shape)} but an m={m} x n={n} weight needs "
+                         f"[{b}, {m}, {(n + 7) // 8}]")
+
+
+def bitstack_dequantize_reference(signs, u, v):
+    """Pure-torch reference: Σ_i S_i ⊙ (u_i v_i), fp32 [m, n]."""
+    from quantkit.formats.bitstack import BitStackBlocks, reconstruct
+
+    _check_bitstack_args(signs, u, v)
+    return reconstruct(BitStackBlocks(signs, u, v))
+
+
+def bitstack_linear_reference(x, signs, u, v, bias=None):
+    """Pure-torch reference: (x.float() @ Ŵᵀ + bias) in fp32, cast to x.dtype (Ŵ rebuilt)."""
+    _check_bitstack_args(signs, u, v)
+    torch._check(x.shape[-1] == v.shape[2],
+                 lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
+                         f"{u.shape[1]}x{v.shape[2]}")
+    y = x.float() @ bitstack_dequantize_reference(signs, u, v).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("bitstack_dequantize", bitstack_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("bitstack_linear", bitstack_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::bitstack_dequantize")
+def _bitstack_dequantize_fake(signs, u, v):
+    _check_bitstack_args(signs, u, v)
+    return u.new_empty((u.shape[1], v.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::bitstack_linear")
+def _bitstack_linear_fake(x, signs, u, v, bias):
+    _check_bitstack_args(signs, u, v)
+    torch._check(x.shape[-1] == v.shape[2],
+                 lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
+                         f"{u.shape[1]}x{v.shape[2]}")
+    return x.new_empty((*x.shape[:-1], u.shape[1]))
+
+
+# Autograd for x and bias (the blocks are frozen): dx = dy @ Ŵ, dbias = Σ dy.
+def _bitstack_linear_setup_context(ctx, inputs, output):
+    x, signs, u, v, bias = inputs
+    ctx.save_for_backward(signs, u, v)
+    ctx.meta = (bias is not None, x.dtype)
+
+
+def _bitstack_linear_backward(ctx, grad):
+    signs, u, v = ctx.saved_tensors
+    has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.bitstack_dequantize(signs, u, v)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, u.shape[1]).sum(0)
+    return grad_x, None, None, None, grad_bias
+
+
+torch.library.register_autograd("quantkit::bitstack_linear", _bitstack_linear_backward,
+                                setup_context=_bitstack_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
 # Native kernels
 # ----------------------------------------------------------------------------------------
 KERNEL_MODE = os.environ.get("QUANTKIT_KERNEL", "auto").strip().lower()
@@ -308,4 +403,5 @@ def _has_cuda_kernels() -> bool:
 def has_native_cpu_kernel(op: str = "lut4_linear") -> bool:
     """Whether ``quantkit::<op>`` has a registered CPU kernel (vs the reference)."""
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{op}", "CPU"))
+
 

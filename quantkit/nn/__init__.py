@@ -5,9 +5,10 @@ build an empty instance) and ``from_spec(spec, device)``; artifacts store the sp
 their safetensors metadata, so loading never guesses a format from tensor names.
 """
 
+from quantkit.nn.bitstack_linear import BitStackLinear
 from quantkit.nn.intk_linear import IntKLinear
 from quantkit.nn.lut4_linear import Lut4Linear
 
-PACKED_MODULES = {"lut4": Lut4Linear, "intk": IntKLinear}
+PACKED_MODULES = {"lut4": Lut4Linear, "intk": IntKLinear, "bitstack": BitStackLinear}
 
-__all__ = ["Lut4Linear", "IntKLinear", "PACKED_MODULES"]
+__all__ = ["BitStackLinear", "IntKLinear", "Lut4Linear", "PACKED_MODULES"]

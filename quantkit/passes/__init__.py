@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from quantkit.passes import ptq_lut4, qat
+from quantkit.passes import bitstack, ptq_lut4, qat
 
 
 @dataclass(frozen=True)
@@ -51,4 +51,6 @@ PASSES: dict[str, PassSpec] = {
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
     "qat": PassSpec("qat", qat.QATPassConfig, qat.apply,
                     "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
+    "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,
+                         "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True),
 }

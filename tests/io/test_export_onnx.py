@@ -163,7 +163,7 @@ def test_module_that_cannot_be_expressed_is_named(artifacts, tmp_path):
 def test_unsupported_format_lists_onnx_formats():
     from quantkit.export import check_exportable
 
-    with pytest.raises(UsageError, match=r"cannot export module m \(unknown module type, format bitstack\) to onnx: "
+    with pytest.raises(UsageError, match=r"cannot export module m \(BitStackLinear, format bitstack\) to onnx: "
                                          r"onnx supports only lut4 \(nf4/fp4 as com.microsoft::MatMulBnb4\)"):
         check_exportable({"m": {"format": "bitstack"}}, "onnx")
 

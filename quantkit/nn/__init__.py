@@ -5,8 +5,9 @@ build an empty instance) and ``from_spec(spec, device)``; artifacts store the sp
 their safetensors metadata, so loading never guesses a format from tensor names.
 """
 
+from quantkit.nn.dualbin_linear import DualBinLinear
 from quantkit.nn.lut4_linear import Lut4Linear
 
-PACKED_MODULES = {"lut4": Lut4Linear}
+PACKED_MODULES = {"lut4": Lut4Linear, "dualbin": DualBinLinear}
 
-__all__ = ["Lut4Linear", "PACKED_MODULES"]
+__all__ = ["DualBinLinear", "Lut4Linear", "PACKED_MODULES"]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from quantkit.passes import ptq_lut4
+from quantkit.passes import dbllm, ptq_lut4
 
 
 @dataclass(frozen=True)
@@ -49,4 +49,6 @@ PASSES: dict[str, PassSpec] = {
                     "4-bit NormalFloat PTQ, bitsandbytes layout"),
     "fp4": PassSpec("fp4", ptq_lut4.Lut4PassConfig, partial(ptq_lut4.apply, quant_type="fp4"),
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
+    "dbllm": PassSpec("dbllm", dbllm.DbllmPassConfig, dbllm.apply,
+                      "DB-LLM 2-bit dual binarization + distillation", calibrated=True),
 }

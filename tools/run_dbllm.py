@@ -51,10 +51,8 @@ def main() -> None:
     from quantkit.recipe import Recipe
     rec = Recipe.from_dict(recipe, where="run_dbllm")
     cfg = rec.passes[0].config
-    calib = quantkit.calibration.calib_source(model) if hasattr(quantkit, "calibration") else None
-    if calib is None:
-        from quantkit.calibration import calib_source
-        calib = calib_source(model)
+    from quantkit.calibration import calib_source
+    calib = calib_source(model)
     t0 = time.perf_counter()
     dbllm.apply(model, cfg, progress=True, calib=calib, history=history)
     compress_s = time.perf_counter() - t0

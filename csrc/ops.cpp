@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/dualbin_linear.h"
 #include "cpu/bitstack_linear.h"
 #include "cpu/intk_linear.h"
 #include "cpu/lut4_linear.h"
@@ -428,6 +429,117 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("bitstack_linear", &quantkit::bitstack_linear_cpu);
 }
 
+// ---- dualbin (DB-LLM) ------------------------------------------------------------------
+namespace quantkit {
+namespace {
+
+cpu::DualBinWeight make_dualbin(const at::Tensor& plane1, const at::Tensor& plane2, const at::Tensor& alpha1,
+                                const at::Tensor& alpha2, int64_t group, int64_t rows, int64_t cols,
+                                const char* op) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": weight shape n=", rows, ", k=", cols, " must be non-negative");
+  TORCH_CHECK(group > 0 && group % 16 == 0, op, ": group must be a positive multiple of 16, got ", group);
+  const int64_t g = (cols + group - 1) / group, row_bytes = g * group / 8;
+  for (const at::Tensor* p : {&plane1, &plane2}) {
+    TORCH_CHECK(p->device().is_cpu() && p->scalar_type() == at::kByte && p->is_contiguous(), op,
+                ": planes must be contiguous CPU uint8, got ", p->scalar_type(), " on ", p->device());
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == rows && p->size(1) == row_bytes, op, ": plane is ", p->sizes(),
+                " but n=", rows, " x k=", cols, " at group ", group, " needs [", rows, ", ", row_bytes, "]");
+  }
+  for (const at::Tensor* a : {&alpha1, &alpha2}) {
+    TORCH_CHECK(a->device().is_cpu() && a->scalar_type() == at::kHalf && a->is_contiguous(), op,
+                ": alpha1/alpha2 must be contiguous CPU float16, got ", a->scalar_type(), " on ", a->device());
+    TORCH_CHECK(a->dim() == 2 && a->size(0) == rows && a->size(1) == g, op, ": alpha is ", a->sizes(),
+                " but n=", rows, " x k=", cols, " at group ", group, " needs [", rows, ", ", g, "]");
+  }
+  cpu::DualBinWeight w{};
+  w.plane1 = plane1.data_ptr<uint8_t>();
+  w.plane2 = plane2.data_ptr<uint8_t>();
+  w.alpha1 = reinterpret_cast<const uint16_t*>(alpha1.data_ptr<at::Half>());
+  w.alpha2 = reinterpret_cast<const uint16_t*>(alpha2.data_ptr<at::Half>());
+  w.group = group;
+  w.rows = rows;
+  w.cols = cols;
+  w.groups = g;
+  w.row_bytes = row_bytes;
+  return w;
+}
+
+at::Tensor dualbin_dequantize_cpu(const at::Tensor& plane1, const at::Tensor& plane2, const at::Tensor& alpha1,
+                                  const at::Tensor& alpha2, int64_t group, int64_t rows, int64_t cols) {
+  const cpu::DualBinWeight w = make_dualbin(plane1, plane2, alpha1, alpha2, group, rows, cols, "dualbin_dequantize");
+  at::Tensor out = at::empty({rows, cols}, plane1.options().dtype(at::kFloat));
+  if (rows > 0 && cols > 0) cpu::dualbin_dequantize_rows(w, 0, rows, out.data_ptr<float>());
+  return out;
+}
+
+// Largest m that runs the masked-add kernel; above it the weight is dequantized to fp32 in
+// row tiles and MKL sgemm runs (see docs/benchmarks.md "DB-LLM" for the measurement).
+// QUANTKIT_DUALBIN_GEMM_M=<m> overrides (tests use 0 to force the GEMM path).
+int64_t dualbin_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_DUALBIN_GEMM_M");
+    return e ? std::atoll(e) : int64_t{16};
+  }();
+  return v;
+}
+
+at::Tensor dualbin_linear_cpu(const at::Tensor& x, const at::Tensor& plane1, const at::Tensor& plane2,
+                              const at::Tensor& alpha1, const at::Tensor& alpha2, int64_t group,
+                              int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "dualbin_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is n=", n, " x k=", k);
+  TORCH_CHECK(x.device().is_cpu(), "dualbin_linear: CPU kernel got x on ", x.device());
+  const cpu::DType xt = to_dtype(x, "x");
+  const cpu::DualBinWeight w = make_dualbin(plane1, plane2, alpha1, alpha2, group, n, k, "dualbin_linear");
+  const int64_t m = k > 0 ? x.numel() / k : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  cpu::DType bt = cpu::DType::F32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->device().is_cpu(), "dualbin_linear: bias has ", bias->numel(),
+                " entries but n=", n, " (m=", m, ", k=", k, ")");
+    bt = to_dtype(*bias, "bias");
+  }
+  if (m == 0 || n == 0 || k == 0) {
+    at::Tensor y = at::zeros(out_shape, x.options().dtype(at::kFloat));
+    if (bias.has_value() && y.numel() > 0) y = y + bias->to(at::kFloat);
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous();
+  if (m > dualbin_gemm_threshold()) {
+    // fp32 row tiles of W (8 MB, reused) and MKL sgemm; same values as the reference up to
+    // summation order, for every x dtype (x is computed in fp32, as the reference does).
+    const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
+    at::Tensor wbuf = at::empty({tile, k}, plane1.options().dtype(at::kFloat));
+    const at::Tensor x2 = xc.reshape({m, k}).to(at::kFloat);
+    at::Tensor y = at::empty({m, n}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      at::Tensor wt = wbuf.narrow(0, 0, nt);
+      cpu::dualbin_dequantize_rows(w, n0, n0 + nt, wt.data_ptr<float>());
+      at::Tensor yt = y.narrow(1, n0, nt);
+      at::mm_out(yt, x2, wt.t());
+    }
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
+    return y.to(x.scalar_type()).reshape(out_shape);
+  }
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cpu::dualbin_gemm_small(w, xc.data_ptr(), xt, m, bias.has_value() ? bc.data_ptr() : nullptr, bt, y.data_ptr());
+  return y;
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("dualbin_dequantize", &quantkit::dualbin_dequantize_cpu);
+  m.impl("dualbin_linear", &quantkit::dualbin_linear_cpu);
+}
+
+PyObject* dualbin_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::dualbin_cpu_isa()); }
+    {"dualbin_cpu_isa", dualbin_cpu_isa, METH_NOARGS, "ISA of the dualbin CPU kernel: avx512 or scalar."},
 // ---- Python module: importing it runs the static registration above -------------------
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::lut4_cpu_isa()); }

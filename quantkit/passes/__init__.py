@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from quantkit.passes import bitstack, ptq_lut4, qat
+from quantkit.passes import bitstack, dbllm, ptq_lut4, qat
 
 
 @dataclass(frozen=True)
@@ -53,4 +53,6 @@ PASSES: dict[str, PassSpec] = {
                     "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
     "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,
                          "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True),
+    "dbllm": PassSpec("dbllm", dbllm.DbllmPassConfig, dbllm.apply,
+                      "DB-LLM 2-bit dual binarization + distillation", calibrated=True),
 }

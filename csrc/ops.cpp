@@ -538,18 +538,18 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("dualbin_linear", &quantkit::dualbin_linear_cpu);
 }
 
-PyObject* dualbin_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::dualbin_cpu_isa()); }
-    {"dualbin_cpu_isa", dualbin_cpu_isa, METH_NOARGS, "ISA of the dualbin CPU kernel: avx512 or scalar."},
 // ---- Python module: importing it runs the static registration above -------------------
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::lut4_cpu_isa()); }
 PyObject* bitstack_cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(quantkit::cpu::bitstack_cpu_isa());
 }
+PyObject* dualbin_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::dualbin_cpu_isa()); }
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Vector ISA the lut4 CPU kernels use: avx512, avx2 or scalar."},
     {"bitstack_cpu_isa", bitstack_cpu_isa, METH_NOARGS, "Vector ISA the BitStack CPU kernels use."},
+    {"dualbin_cpu_isa", dualbin_cpu_isa, METH_NOARGS, "ISA of the dualbin CPU kernel: avx512 or scalar."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--max-bits", type=float, default=4.6, help="top budget: bits/weight of the linears")
     ap.add_argument("--ref", action="append", default=[], help="LABEL=ARTIFACT measured without a budget")
+    ap.add_argument("--only", default=None, help="comma list of indices into the evenly spaced budgets")
     ap.add_argument("--jsonl", required=True)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
         del probe
         top = min(plan.maximum, int(outside + args.max_bits * n_w / 8))
         budgets = [int(plan.minimum + i * (top - plan.minimum) / (args.n - 1)) for i in range(args.n)]
+        if args.only:
+            budgets = [budgets[int(i)] for i in args.only.split(",")]
     with open(args.jsonl, "a") as f:
         for label_path in args.ref:
             label, path = label_path.split("=", 1)

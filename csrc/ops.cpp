@@ -473,12 +473,18 @@ at::Tensor dualbin_dequantize_cpu(const at::Tensor& plane1, const at::Tensor& pl
 }
 
 // Largest m that runs the masked-add kernel; above it the weight is dequantized to fp32 in
-// row tiles and MKL sgemm runs (see docs/benchmarks.md "DB-LLM" for the measurement).
+// row tiles (AVX-512 blends) and MKL sgemm runs. The masked-add kernel costs two masked adds
+// per 16 weights per x row, so its time grows linearly with m, while dequant + sgemm pays a
+// fixed decode. Measured 2026-11-23 (1 thread; the shared VM's 1-min load was ~8.8, so
+// +-30 %), ms, masked-add vs dequant+sgemm:
+//   4096x4096  m=2 2.0 vs 43   m=4 22 vs 59   m=8 33 vs 70   m=12 60 vs 86   m=16 75 vs 76
+//   576x1536   m=2 0.13 vs 0.30   m=8 0.42 vs 0.56   m=12 0.78 vs 0.67   m=16 1.12 vs 0.50
+//   1536x576   m=2 0.11 vs 0.30   m=8 0.33 vs 0.55   m=12 0.60 vs 0.64   m=16 0.64 vs 0.58
 // QUANTKIT_DUALBIN_GEMM_M=<m> overrides (tests use 0 to force the GEMM path).
 int64_t dualbin_gemm_threshold() {
   static const int64_t v = [] {
     const char* e = std::getenv("QUANTKIT_DUALBIN_GEMM_M");
-    return e ? std::atoll(e) : int64_t{16};
+    return e ? std::atoll(e) : int64_t{8};
   }();
   return v;
 }

@@ -368,6 +368,9 @@ torch.library.register_autograd("quantkit::bitstack_linear", _bitstack_linear_ba
 # dualbin_linear(x, plane1, plane2, alpha1, alpha2, group, out_features, in_features, bias?)
 #     x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
 #     y = x @ W.T + bias, W = dualbin_dequantize(...), accumulated in fp32.
+#     Native CPU kernel: m <= 8 rows of x use the plane bits as masks of masked adds (no
+#     decode); larger m dequantize fp32 row tiles (bit-exact) for MKL sgemm. Both match the
+#     reference up to summation order (and one rounding of bf16/fp16 outputs).
 _lib.define(
     "dualbin_dequantize(Tensor plane1, Tensor plane2, Tensor alpha1, Tensor alpha2, int group, "
     "int rows, int cols) -> Tensor"

@@ -53,15 +53,22 @@ def main() -> None:
     cfg = rec.passes[0].config
     from quantkit.calibration import calib_source
     calib = calib_source(model)
+    import resource
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     dbllm.apply(model, cfg, progress=True, calib=calib, history=history)
     compress_s = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds of the compress: on a contended machine, the wall time it would take alone
+    # at this thread count is close to this divided by the threads.
+    compress_cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     model._quantkit_recipe = rec
     if args.save:
         quantkit.save(model, args.save, overwrite=True)
     ppl = perplexity(model, tokenizer, default_text("eval"), seq_len=512, max_tokens=8192, progress=False)
     out = {"model": args.model, "recipe": args.recipe, "overrides": overrides,
            "tokens_trained": cfg.steps * cfg.batch_size * cfg.seq_len, "compress_seconds": round(compress_s, 1),
+           "compress_cpu_seconds": round(compress_cpu, 1),
            "threads": torch.get_num_threads(), "ppl": ppl.ppl, "eval_tokens": ppl.n_tokens,
            "load_avg_end": os.getloadavg()[0], "history": history}
     with open(args.json, "w") as f:

@@ -156,6 +156,26 @@ __attribute__((target("avx512f"))) void row_block_avx512(const DualBinWeight& w,
   for (int r = 0; r < MB; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+// Whole 16-element chunks of one group [c, kend) -> o: per chunk, the level picked by the two
+// mask words with three blends (no per-element bit extraction). Returns the first element
+// not written (the scalar loop finishes a ragged tail).
+__attribute__((target("avx512f"))) int64_t dequant_group_avx512(const uint8_t* p1,  // plane-1 row
+                                                                 const uint8_t* p2,  // plane-2 row
+                                                                 const float* lv,    // 4 levels, code order
+                                                                 int64_t c,          // first element (16-aligned)
+                                                                 int64_t kend,       // end of the group's real weights
+                                                                 float* o) {         // fp32 output row
+  const __m512 l0 = _mm512_set1_ps(lv[0]), l1 = _mm512_set1_ps(lv[1]);
+  const __m512 l2 = _mm512_set1_ps(lv[2]), l3 = _mm512_set1_ps(lv[3]);
+  for (; c + 16 <= kend; c += 16) {
+    const __mmask16 m1 = bits16(p1, c), m2 = bits16(p2, c);
+    const __m512 lo = _mm512_mask_blend_ps(m2, l0, l1);  // b1 = 0: 0 or a2
+    const __m512 hi = _mm512_mask_blend_ps(m2, l2, l3);  // b1 = 1: a1 or a1 + a2
+    _mm512_storeu_ps(o + c, _mm512_mask_blend_ps(m1, lo, hi));
+  }
+  return c;
+}
+
 __attribute__((target("avx512f"))) void rows_avx512(const DualBinWeight& w, const float* xp, int64_t m,
                                                     int64_t kp, int64_t n0, int64_t n1, float* yf) {
   float out[4];
@@ -191,7 +211,11 @@ void dualbin_dequantize_rows(const DualBinWeight& w, int64_t r0, int64_t r1, flo
         // the four levels, computed as the reference does: a1*b1 + a2*b2 with b in {0, 1}
         const float lv[4] = {a1 * 0.f + a2 * 0.f, a1 * 0.f + a2 * 1.f, a1 * 1.f + a2 * 0.f, a1 * 1.f + a2 * 1.f};
         const int64_t kend = std::min(k, (g + 1) * w.group);
-        for (int64_t c = g * w.group; c < kend; ++c) {
+        int64_t c = g * w.group;
+#if QK_DB_X86
+        if (use_avx512()) c = dequant_group_avx512(p1, p2, lv, c, kend, o);
+#endif
+        for (; c < kend; ++c) {
           const int sh = static_cast<int>(c & 7);
           const int code = (((p1[c >> 3] >> sh) & 1) << 1) | ((p2[c >> 3] >> sh) & 1);
           o[c] = lv[code];

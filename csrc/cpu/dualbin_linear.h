@@ -35,6 +35,7 @@ void dualbin_dequantize_rows(const DualBinWeight& w,  // packed weight
 // y[i, n] = sum_g (a1[n,g] * sum_{k in g, b1} x[i,k] + a2[n,g] * sum_{k in g, b2} x[i,k])
 //           + bias[n], fp32 accumulation; decodes nothing: the plane bits are used as
 // masks of masked adds. For small m (one pass over the planes per block of 4 x rows).
+// x of any dtype is converted to fp32 first; y is rounded to xt once.
 void dualbin_gemm_small(const DualBinWeight& w,  // packed weight [N, K]
                         const void* x,           // [m, K] contiguous activations of type xt
                         DType xt,                // dtype of x and of y

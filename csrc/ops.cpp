@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "cpu/dualbin_linear.h"
+#include "cpu/bitstack_linear.h"
+#include "cpu/intk_linear.h"
 #include "cpu/lut4_linear.h"
 
 namespace quantkit {
@@ -230,6 +232,203 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("lut4_linear", &quantkit::lut4_linear_cpu);
 }
 
+// ---- int-k (quantkit/formats/intk.py) ------------------------------------------------------
+namespace quantkit {
+namespace {
+
+// Largest m that intk_linear runs on the decode-and-dot kernel; above it the weight is
+// decoded into fp32 row tiles and MKL sgemm runs (the dot kernel re-reads x per weight row
+// and cannot block like a GEMM). QUANTKIT_INTK_GEMM_M=<m> overrides (tests, benchmarks).
+int64_t intk_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_INTK_GEMM_M");
+    return e ? std::atoll(e) : int64_t{8};
+  }();
+  return v;
+}
+
+cpu::IntKWeight make_intk(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                          int64_t rows, int64_t cols, const char* op) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be 1..8, got ", bits);
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": weight shape n=", rows, ", k=", cols, " must be non-negative");
+  const int64_t rb = (cols * bits + 7) / 8;
+  TORCH_CHECK(packed.device().is_cpu() && scale.device().is_cpu(), op, ": CPU kernel got tensors on ",
+              packed.device(), "/", scale.device());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == rows &&
+                  packed.size(1) == rb,
+              op, ": packed must be uint8 [", rows, ", ", rb, "] for n=", rows, " x k=", cols, " at ", bits,
+              " bits, got ", packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == rows, op, ": scale must be fp32 [", rows,
+              "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous(), op, ": packed and scale must be contiguous");
+  cpu::IntKWeight w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.bits = static_cast<int>(bits);
+  w.offset = static_cast<float>(offset);
+  w.rows = rows;
+  w.cols = cols;
+  w.row_bytes = rb;
+  return w;
+}
+
+at::Tensor intk_dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                               int64_t rows, int64_t cols) {
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, rows, cols, "intk_dequantize");
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(at::kFloat));
+  if (rows * cols > 0) cpu::intk_dequantize_rows(w, 0, rows, out.data_ptr<float>());
+  return out;
+}
+
+// y = (x.float() @ W.T + bias.float()).to(x.dtype): bf16/fp16 x is widened to fp32 first, so
+// every dtype computes what the reference computes (up to summation order).
+at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                           double offset, int64_t out_features, int64_t in_features,
+                           const std::optional<at::Tensor>& bias) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "intk_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is n=", n, " x k=", k);
+  TORCH_CHECK(x.device().is_cpu(), "intk_linear: CPU kernel got x on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "intk_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, n, k, "intk_linear");
+  const int64_t m = k > 0 ? x.numel() / k : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->device().is_cpu(), "intk_linear: bias has ", bias->numel(),
+                " entries but n=", n, " (m=", m, ", k=", k, ")");
+    bf = bias->to(at::kFloat).contiguous().reshape({n});
+  }
+  if (m == 0 || n == 0 || k == 0) {
+    at::Tensor y = at::zeros(out_shape, x.options().dtype(at::kFloat));
+    if (bias.has_value() && y.numel() > 0) y = y + bf;
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor x2 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, x2.options());
+  if (m <= intk_gemm_threshold()) {
+    cpu::intk_gemm_small(w, x2.data_ptr<float>(), m, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>());
+  } else {
+    // 8 MB fp32 tiles in one reused buffer (as lut4_linear: a full-size copy is a fresh mmap)
+    const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
+    at::Tensor wbuf = at::empty({tile, k}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      at::Tensor wt = wbuf.narrow(0, 0, nt);
+      cpu::intk_dequantize_rows(w, n0, n0 + nt, wt.data_ptr<float>());
+      at::Tensor yt = y.narrow(1, n0, nt);
+      at::mm_out(yt, x2, wt.t());
+    }
+    if (bias.has_value()) y.add_(bf);
+  }
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("intk_dequantize", &quantkit::intk_dequantize_cpu);
+  m.impl("intk_linear", &quantkit::intk_linear_cpu);
+}
+
+// ---- BitStack (csrc/cpu/bitstack_linear.cpp) ----------------------------------------------
+namespace quantkit {
+namespace {
+
+// Largest number of x rows run on the table-lookup kernel (no dense W); above it the
+// weight is rebuilt once (u_i v_i by MKL, signs applied) and a GEMM runs. Measured in
+// docs/benchmarks.md (BitStack section); QUANTKIT_BITSTACK_GEMM_M=<m> overrides.
+int64_t bitstack_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_BITSTACK_GEMM_M");
+    return e ? std::atoll(e) : int64_t{4};
+  }();
+  return v;
+}
+
+cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v, const char* op) {
+  TORCH_CHECK(signs.dim() == 3 && u.dim() == 3 && v.dim() == 3, op,
+              ": signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got ", signs.sizes(), ", ",
+              u.sizes(), ", ", v.sizes());
+  TORCH_CHECK(signs.scalar_type() == at::kByte && u.scalar_type() == at::kHalf && v.scalar_type() == at::kHalf, op,
+              ": signs must be uint8 and u, v float16; got ", signs.scalar_type(), ", ", u.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(signs.device().is_cpu() && u.device().is_cpu() && v.device().is_cpu(), op,
+              ": CPU kernel got tensors on ", signs.device(), "/", u.device(), "/", v.device());
+  const int64_t b = u.size(0), m = u.size(1), k = u.size(2), n = v.size(2);
+  TORCH_CHECK(b >= 1 && signs.size(0) == b && v.size(0) == b, op, ": block counts differ: signs ", signs.size(0),
+              ", u ", b, ", v ", v.size(0));
+  TORCH_CHECK(v.size(1) == k, op, ": u has rank k=", k, " but v is ", v.sizes());
+  TORCH_CHECK(signs.size(1) == m && signs.size(2) == (n + 7) / 8, op, ": signs is ", signs.sizes(), " but an m=", m,
+              " x n=", n, " weight needs [", b, ", ", m, ", ", (n + 7) / 8, "]");
+  TORCH_CHECK(signs.is_contiguous() && u.is_contiguous() && v.is_contiguous(), op,
+              ": signs, u and v must be contiguous");
+  cpu::BitStackWeight w{};
+  w.signs = signs.data_ptr<uint8_t>();
+  w.u = reinterpret_cast<const uint16_t*>(u.data_ptr<at::Half>());
+  w.v = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+  w.b = b;
+  w.m = m;
+  w.n = n;
+  w.k = k;
+  return w;
+}
+
+at::Tensor bitstack_dequantize_cpu(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v) {
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, "bitstack_dequantize");
+  at::Tensor out = at::empty({w.m, w.n}, u.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  for (int64_t i = 0; i < w.b; ++i) {
+    const at::Tensor uv = at::mm(u[i].to(at::kFloat), v[i].to(at::kFloat)).contiguous();  // MKL, [m, n]
+    cpu::bitstack_apply_signs(w.signs + i * w.m * ((w.n + 7) / 8), uv.data_ptr<float>(), w.m, w.n, i == 0,
+                              out.data_ptr<float>());
+  }
+  return out;
+}
+
+at::Tensor bitstack_linear_cpu(const at::Tensor& x, const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v,
+                               const std::optional<at::Tensor>& bias) {
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, "bitstack_linear");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == w.n, "bitstack_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is m=", w.m, " x n=", w.n);
+  TORCH_CHECK(x.device().is_cpu(), "bitstack_linear: CPU kernel got x on ", x.device());
+  const DType xt = to_dtype(x, "x");
+  const int64_t rows = w.n > 0 ? x.numel() / w.n : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = w.m;
+  DType bt = DType::F32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == w.m && bias->device().is_cpu(), "bitstack_linear: bias has ", bias->numel(),
+                " entries but m=", w.m);
+    bt = to_dtype(*bias, "bias");
+  }
+  if (rows == 0 || w.m == 0 || w.n == 0 || rows > bitstack_gemm_threshold()) {
+    // Prefill / large batch: rebuild W once and let MKL run the GEMM (the lookup kernel
+    // rebuilds its tables per row of x, so its cost grows with rows).
+    at::Tensor wd = bitstack_dequantize_cpu(signs, u, v);
+    at::Tensor y = at::matmul(x.to(at::kFloat), wd.t());
+    if (bias.has_value()) y = y + bias->to(at::kFloat);
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cpu::bitstack_gemv(w, xc.data_ptr(), xt, rows, bias.has_value() ? bc.data_ptr() : nullptr, bt, y.data_ptr());
+  return y;
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("bitstack_dequantize", &quantkit::bitstack_dequantize_cpu);
+  m.impl("bitstack_linear", &quantkit::bitstack_linear_cpu);
+}
+
 // ---- dualbin (DB-LLM) ------------------------------------------------------------------
 namespace quantkit {
 namespace {
@@ -348,10 +547,14 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
 // ---- Python module: importing it runs the static registration above -------------------
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::lut4_cpu_isa()); }
+PyObject* bitstack_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(quantkit::cpu::bitstack_cpu_isa());
+}
 PyObject* dualbin_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::dualbin_cpu_isa()); }
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Vector ISA the lut4 CPU kernels use: avx512, avx2 or scalar."},
+    {"bitstack_cpu_isa", bitstack_cpu_isa, METH_NOARGS, "Vector ISA the BitStack CPU kernels use."},
     {"dualbin_cpu_isa", dualbin_cpu_isa, METH_NOARGS, "ISA of the dualbin CPU kernel: avx512 or scalar."},
     {nullptr, nullptr, 0, nullptr},
 };

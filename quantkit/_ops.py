@@ -37,6 +37,8 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     rounding (relative 2^-9 per weight for bf16, 2^-12 for fp16; fp16 weights beyond
     +-65504 become inf, as W.to(torch.float16) does). Small batches (the fused decode kernel)
     keep fp32 weights for every dtype.
+bitstack_dequantize(signs, u, v) / bitstack_linear(x, signs, u, v, bias?)
+    BitStack residual blocks; documented in the BitStack section below.
 """
 
 from __future__ import annotations
@@ -169,6 +171,190 @@ def _lut4_linear_backward(ctx, grad):
 
 torch.library.register_autograd("quantkit::lut4_linear", _lut4_linear_backward,
                                 setup_context=_lut4_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# int-k (quantkit/formats/intk.py): k-bit codes, per-output-channel fp32 scale
+# ----------------------------------------------------------------------------------------
+# intk_dequantize(packed, scale, bits, offset, rows, cols) -> Tensor
+#     packed  uint8 [rows, ceil(cols*bits/8)]  each row a little-endian bitstream of k-bit codes
+#     scale   fp32 [rows]
+#     returns fp32 [rows, cols] = (code - offset) * scale[row], exactly this fp32 expression.
+# intk_linear(x, packed, scale, bits, offset, out_features, in_features, bias?) -> Tensor
+#     x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
+#     y = (x.float() @ W.T + bias.float()).to(x.dtype), W = intk_dequantize(...) fp32.
+_lib.define("intk_dequantize(Tensor packed, Tensor scale, int bits, float offset, int rows, int cols) -> Tensor")
+_lib.define(
+    "intk_linear(Tensor x, Tensor packed, Tensor scale, int bits, float offset, int out_features, "
+    "int in_features, Tensor? bias) -> Tensor"
+)
+
+
+def _check_intk_args(packed, scale, bits, offset, rows, cols) -> None:
+    torch._check(1 <= bits <= 8, lambda: f"bits must be 1..8, got {bits}")
+    nbytes = -(-cols * bits // 8)
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.dim() == 2 and packed.shape[0] == rows and packed.shape[1] == nbytes,
+                 lambda: f"packed must be [{rows}, {nbytes}] for a {rows}x{cols} {bits}-bit weight, "
+                         f"got {list(packed.shape)}")
+    torch._check(scale.dtype == torch.float32 and scale.numel() == rows,
+                 lambda: f"scale must be fp32 [{rows}], got {scale.dtype} {list(scale.shape)}")
+
+
+def intk_dequantize_reference(packed, scale, bits, offset, rows, cols):
+    """Pure-torch reference: (code - offset) * scale[row], fp32 [rows, cols]."""
+    _check_intk_args(packed, scale, bits, offset, rows, cols)
+    nbytes = packed.shape[1]
+    bitpos = torch.arange(8, device=packed.device)
+    stream = ((packed.to(torch.int32)[:, :, None] >> bitpos) & 1).reshape(rows, nbytes * 8)[:, :cols * bits]
+    place = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
+    codes = (stream.reshape(rows, cols, bits) * place).sum(-1)
+    return (codes.to(torch.float32) - offset) * scale.reshape(rows, 1)
+
+
+def intk_linear_reference(x, packed, scale, bits, offset, out_features, in_features, bias=None):
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype."""
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    w = intk_dequantize_reference(packed, scale, bits, offset, out_features, in_features)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("intk_dequantize", intk_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("intk_linear", intk_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::intk_dequantize")
+def _intk_dequantize_fake(packed, scale, bits, offset, rows, cols):
+    _check_intk_args(packed, scale, bits, offset, rows, cols)
+    return packed.new_empty((rows, cols), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::intk_linear")
+def _intk_linear_fake(x, packed, scale, bits, offset, out_features, in_features, bias):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    _check_intk_args(packed, scale, bits, offset, out_features, in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _intk_linear_setup_context(ctx, inputs, output):
+    x, packed, scale, bits, offset, out_f, in_f, bias = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.meta = (bits, offset, out_f, in_f, bias is not None, x.dtype)
+
+
+def _intk_linear_backward(ctx, grad):
+    # gradients flow to x and bias; the packed weight is frozen (as for lut4_linear)
+    packed, scale = ctx.saved_tensors
+    bits, offset, out_f, in_f, has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.intk_dequantize(packed, scale, bits, offset, out_f, in_f)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[7]:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return grad_x, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("quantkit::intk_linear", _intk_linear_backward,
+                                setup_context=_intk_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# BitStack (quantkit/formats/bitstack.py): b residual blocks, each S_i ⊙ (u_i v_i)
+# ----------------------------------------------------------------------------------------
+# bitstack_dequantize(signs, u, v) -> Tensor
+#     signs uint8 [b, m, ceil(n/8)] (bit 1 = +1, MSB first per row), u fp16 [b, m, k],
+#     v fp16 [b, k, n]; returns fp32 [m, n] = Σ_i S_i ⊙ (u_i v_i) (u, v read as fp32).
+# bitstack_linear(x, signs, u, v, bias?) -> Tensor
+#     x [..., n] fp32/bf16/fp16 -> [..., m] in x.dtype; y = x @ Ŵᵀ + bias with Ŵ the
+#     dequantized weight above, accumulated in fp32. The native CPU kernel never builds Ŵ for
+#     a few rows of x (decode): it uses y_r = Σ_i Σ_j u_i[r,j] Σ_c S_i[r,c] v_i[j,c] x_c
+#     (csrc/cpu/bitstack_linear.cpp); above a row threshold it rebuilds Ŵ and runs a GEMM.
+_lib.define("bitstack_dequantize(Tensor signs, Tensor u, Tensor v) -> Tensor")
+_lib.define("bitstack_linear(Tensor x, Tensor signs, Tensor u, Tensor v, Tensor? bias) -> Tensor")
+
+
+def _check_bitstack_args(signs, u, v) -> None:
+    torch._check(signs.dim() == 3 and u.dim() == 3 and v.dim() == 3,
+                 lambda: f"bitstack: signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got "
+                         f"{list(signs.shape)}, {list(u.shape)}, {list(v.shape)}")
+    torch._check(signs.dtype == torch.uint8 and u.dtype == torch.float16 and v.dtype == torch.float16,
+                 lambda: f"bitstack: signs must be uint8 and u, v float16; got {signs.dtype}, {u.dtype}, {v.dtype}")
+    b, m, k = u.shape
+    n = v.shape[2]
+    torch._check(b >= 1 and signs.shape[0] == b and v.shape[0] == b,
+                 lambda: f"bitstack: block counts differ: signs {signs.shape[0]}, u {b}, v {v.shape[0]}")
+    torch._check(v.shape[1] == k, lambda: f"bitstack: u has rank k={k} but v is {list(v.shape)}")
+    torch._check(signs.shape[1] == m and signs.shape[2] == (n + 7) // 8,
+                 lambda: f"bitstack: signs is {list(signs.shape)} but an m={m} x n={n} weight needs "
+                         f"[{b}, {m}, {(n + 7) // 8}]")
+
+
+def bitstack_dequantize_reference(signs, u, v):
+    """Pure-torch reference: Σ_i S_i ⊙ (u_i v_i), fp32 [m, n]."""
+    from quantkit.formats.bitstack import BitStackBlocks, reconstruct
+
+    _check_bitstack_args(signs, u, v)
+    return reconstruct(BitStackBlocks(signs, u, v))
+
+
+def bitstack_linear_reference(x, signs, u, v, bias=None):
+    """Pure-torch reference: (x.float() @ Ŵᵀ + bias) in fp32, cast to x.dtype (Ŵ rebuilt)."""
+    _check_bitstack_args(signs, u, v)
+    torch._check(x.shape[-1] == v.shape[2],
+                 lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
+                         f"{u.shape[1]}x{v.shape[2]}")
+    y = x.float() @ bitstack_dequantize_reference(signs, u, v).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("bitstack_dequantize", bitstack_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("bitstack_linear", bitstack_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::bitstack_dequantize")
+def _bitstack_dequantize_fake(signs, u, v):
+    _check_bitstack_args(signs, u, v)
+    return u.new_empty((u.shape[1], v.shape[2]), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::bitstack_linear")
+def _bitstack_linear_fake(x, signs, u, v, bias):
+    _check_bitstack_args(signs, u, v)
+    torch._check(x.shape[-1] == v.shape[2],
+                 lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
+                         f"{u.shape[1]}x{v.shape[2]}")
+    return x.new_empty((*x.shape[:-1], u.shape[1]))
+
+
+# Autograd for x and bias (the blocks are frozen): dx = dy @ Ŵ, dbias = Σ dy.
+def _bitstack_linear_setup_context(ctx, inputs, output):
+    x, signs, u, v, bias = inputs
+    ctx.save_for_backward(signs, u, v)
+    ctx.meta = (bias is not None, x.dtype)
+
+
+def _bitstack_linear_backward(ctx, grad):
+    signs, u, v = ctx.saved_tensors
+    has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.bitstack_dequantize(signs, u, v)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, u.shape[1]).sum(0)
+    return grad_x, None, None, None, grad_bias
+
+
+torch.library.register_autograd("quantkit::bitstack_linear", _bitstack_linear_backward,
+                                setup_context=_bitstack_linear_setup_context)
 
 
 # ----------------------------------------------------------------------------------------
@@ -322,3 +508,5 @@ def _has_cuda_kernels() -> bool:
 def has_native_cpu_kernel(op: str = "lut4_linear") -> bool:
     """Whether ``quantkit::<op>`` has a registered CPU kernel (vs the reference)."""
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{op}", "CPU"))
+
+

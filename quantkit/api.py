@@ -13,9 +13,10 @@ from quantkit.passes import PASSES
 from quantkit.recipe import Recipe, load_recipe
 
 
-def load_model(spec: Union[str, Path], dtype=None) -> nn.Module:
+def load_model(spec: Union[str, Path], dtype=None, memory_budget: Union[int, str, None] = None) -> nn.Module:
     """Load a model by name or path: a quantkit artifact, an HF folder, a .gguf, or
-    ``smollm2-135m``. Its tokenizer (if any) rides along as ``model._quantkit_tokenizer``."""
+    ``smollm2-135m``. Its tokenizer (if any) rides along as ``model._quantkit_tokenizer``.
+    memory_budget: only for artifacts (see ``quantkit.load``)."""
     import torch
 
     from quantkit.io import artifact
@@ -23,9 +24,11 @@ def load_model(spec: Union[str, Path], dtype=None) -> nn.Module:
 
     source = resolve_model_source(str(spec))
     if source.kind == "quantkit-artifact":
-        model = artifact.load(source.path)
+        model = artifact.load(source.path, memory_budget=memory_budget)
         tokenizer = artifact.load_tokenizer(source.path)
     else:
+        if memory_budget is not None:
+            raise UsageError(f"a memory budget applies to quantkit artifacts only; {spec} is a {source.kind}")
         model, tokenizer = load_source_model(source, dtype=dtype or torch.float32)
     model._quantkit_tokenizer = tokenizer
     return model

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activation dtype for the run (default float32)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--memory-budget", metavar="SIZE",
+                   help="artifact only: load it to fit SIZE bytes of weights (e.g. 120MB, 950KB, 1.5GB; SI units, "
+                        "MiB/GiB binary); a BitStack artifact loads as many blocks as fit")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_common(e)
 
@@ -105,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, choices=["hf-bnb", "onnx"], help="export target")
     x.add_argument("-o", "--dest", required=True, metavar="DEST", help="output folder (must not exist unless --overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace DEST if it exists (only once the new one is complete)")
+    x.add_argument("--memory-budget", metavar="SIZE",
+                   help="onnx only: export the model as `quantkit.load(OUT, memory_budget=SIZE)` loads it (a "
+                        "BitStack artifact keeps only the blocks that fit; e.g. 120MB)")
     _add_common(x)
     return parser
 
@@ -192,7 +198,9 @@ def cmd_eval(args) -> int:
         torch.set_num_threads(args.threads)
     text = read_text(args.text) if args.text else default_text("eval")
     _status(args, f"loading {args.model}")
-    model = load_model(args.model)
+    t_load = time.perf_counter()
+    model = load_model(args.model, memory_budget=args.memory_budget)
+    t_load = time.perf_counter() - t_load
     tokenizer = getattr(model, "_quantkit_tokenizer", None)
     if tokenizer is None:
         from quantkit.errors import UsageError
@@ -202,7 +210,10 @@ def cmd_eval(args) -> int:
     ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
                      progress=not args.quiet)
     result = {"model": str(args.model), "perplexity": ppl.ppl, "tokens": ppl.n_tokens, "seq_len": ppl.seq_len,
-              "seconds": ppl.seconds, "dtype": args.dtype, "kernels": _kernel_line()}
+              "seconds": ppl.seconds, "dtype": args.dtype, "kernels": _kernel_line(), "load_seconds": t_load}
+    if getattr(model, "_quantkit_memory_bytes", None) is not None:
+        result["memory_bytes"] = model._quantkit_memory_bytes
+        result["memory_budget"] = args.memory_budget
     if args.speed:
         from quantkit.eval.speed import decode_speed
         sp = decode_speed(model, tokenizer, new_tokens=args.new_tokens)
@@ -215,6 +226,10 @@ def cmd_eval(args) -> int:
         if args.speed:
             print(f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.new_tokens} new tokens, greedy, "
                   f"{torch.get_num_threads()} threads)")
+        if "memory_bytes" in result:
+            budget = f" (budget {args.memory_budget})" if args.memory_budget else ""
+            print(f"model memory {result['memory_bytes']:,} bytes = {result['memory_bytes'] / 1e6:.2f} MB{budget}, "
+                  f"loaded in {t_load:.2f} s")
         print(f"kernels: {result['kernels']}")
     return 0
 
@@ -228,11 +243,17 @@ def inspect_artifact(out) -> dict:
     info = artifact.read_metadata(out)
     tensor_bytes = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in info["tensors"].items()}
     rows, packed_bits, packed_weights = [], 0, 0
+    budgets = None
+    if any(spec.get("format") == "bitstack" for spec in info["modules"].values()):
+        from quantkit.io.bitstack_budget import budget_summary
+        budgets = budget_summary(artifact.budget_plan(out, info))
     for name, spec in info["modules"].items():
         n = spec["in_features"] * spec["out_features"]
         # packed weight + scales; the quant-state JSON blob is bookkeeping, not storage
         nbytes = sum(b for k, b in tensor_bytes.items()
                      if k.startswith(name + ".weight") and ".quant_state." not in k)
+        if spec.get("format") == "bitstack":
+            nbytes = spec["n_blocks"] * spec["block_bytes"]  # every stored block
         rows.append({"module": name, "format": f"{spec['format']}/{spec.get('quant_type', '')}".rstrip("/"),
                      "shape": [spec["out_features"], spec["in_features"]], "bytes": nbytes,
                      "bits_per_weight": 8 * nbytes / n,
@@ -248,7 +269,7 @@ def inspect_artifact(out) -> dict:
             "dense_bytes": sum(tensor_bytes[k] for k in dense),
             "bits_per_weight_packed": packed_bits / packed_weights if packed_weights else float("nan"),
             "file_bytes": artifact.artifact_bytes(out), "recipe": info["recipe"],
-            "format_version": info["metadata"].get("quantkit.format_version")}
+            "format_version": info["metadata"].get("quantkit.format_version"), "budgets": budgets}
 
 
 def cmd_inspect(args) -> int:
@@ -266,6 +287,13 @@ def cmd_inspect(args) -> int:
     print(f"\n{s['n_packed']} packed modules, {s['packed_weights']:,} weights at {s['bits_per_weight_packed']:.3f} "
           f"bits/weight; {s['dense_params']:,} unquantized params ({s['dense_bytes'] / 1e6:.1f} MB); "
           f"{s['file_bytes'] / 1e6:.1f} MB on disk; recipe {recipe}; artifact format v{s['format_version']}")
+    b = s["budgets"]
+    if b:
+        print(f"memory budgets (quantkit.load(OUT, memory_budget=...), eval --memory-budget): minimum "
+              f"{b['minimum_bytes']:,} bytes ({b['minimum_bytes'] / 1e6:.2f} MB), maximum {b['maximum_bytes']:,} bytes "
+              f"({b['maximum_bytes'] / 1e6:.2f} MB), {b['n_steps']} steps of one block "
+              f"({b['step_bytes_min']:,}-{b['step_bytes_max']:,} bytes); every model's memory includes "
+              f"{b['fixed_bytes'] / 1e6:.2f} MB of weights outside the BitStack layers")
     return 0
 
 
@@ -275,7 +303,7 @@ def cmd_export(args) -> int:
 
     t0 = time.perf_counter()
     _status(args, f"exporting {args.out} to {args.to}")
-    dest = export(args.out, to=args.to, dest=args.dest, overwrite=args.overwrite)
+    dest = export(args.out, to=args.to, dest=args.dest, overwrite=args.overwrite, memory_budget=args.memory_budget)
     print(f"wrote {dest} ({args.to}): {artifact.artifact_bytes(dest) / 1e6:.1f} MB on disk "
           f"(artifact {artifact.artifact_bytes(args.out) / 1e6:.1f} MB), {time.perf_counter() - t0:.1f} s")
     return 0

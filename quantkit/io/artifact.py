@@ -287,14 +287,24 @@ def read_metadata(out_dir: Union[str, Path]) -> dict:
             "tied": tied, "recipe": recipe, "metadata": meta}
 
 
-def load_tensors(info: dict) -> dict:
-    """Every tensor of the artifact described by ``read_metadata``'s ``info`` (all shards)."""
+def load_tensors(info: dict, first_rows: Optional[dict] = None) -> dict:
+    """Every tensor of the artifact described by ``read_metadata``'s ``info`` (all shards).
+
+    first_rows: {tensor name: r} reads only rows [0, r) of those tensors (dim 0), so a
+    BitStack model loaded under a memory budget never reads the blocks it leaves out.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = {}
     for path in info["files"]:
         try:
-            state.update(load_file(str(path)))
+            if not first_rows:
+                state.update(load_file(str(path)))
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    state[k] = f.get_slice(k)[:first_rows[k]] if k in first_rows else f.get_tensor(k)
         except Exception as e:
             raise CheckpointError(f"{path} cannot be read: {e}") from None
     return state
@@ -321,31 +331,31 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Load an artifact written by ``quantkit.save``; returns a transformers model in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
+         memory_budget: Union[int, str, None] = None) -> nn.Module:
+    """Load an artifact written by ``quantkit.save``; returns a transformers model in eval mode.
+
+    memory_budget: bytes (int) or a size string ("950KB", "120MB", "1.5GB": SI units;
+    "MiB"/"GiB" binary). For a BitStack artifact, loads as many residual blocks per layer as
+    fit, in the artifact's block order (quantkit/io/bitstack_budget.py says how memory is
+    counted); None loads every block. Any artifact whose model exceeds the budget is refused
+    with a UsageError stating the minimum. The bytes the model holds are in
+    ``model._quantkit_memory_bytes``.
+    """
+    from quantkit.io import bitstack_budget
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} does not exist or is not a folder")
     info = read_metadata(out_dir)
-    try:
-        config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
-    except Exception as e:  # transformers raises many types for a bad config
-        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config)
-    for name, spec in info["modules"].items():
-        fmt = spec.get("format")
-        if fmt not in PACKED_MODULES:
-            raise FormatError(f"{info['path']}: module {name} has unknown format {fmt!r}; "
-                              f"this quantkit knows {', '.join(PACKED_MODULES)}")
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise FormatError(f"{info['path']}: module {name} does not exist in {type(model).__name__}") from None
-        replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta"))
-    state = load_tensors(info)
+    budget = bitstack_budget.parse_memory(memory_budget) if memory_budget is not None else None
+    plan = budget_plan(out_dir, info)
+    blocks, planned = plan.n_blocks, None
+    if budget is not None and plan.block_bytes:
+        blocks, planned = plan.choose(budget)
+    first_rows = {f"{name}.{k}": n for name, n in blocks.items() for k in bitstack_budget.PACKED_KEYS}
+    model = skeleton(out_dir, info, blocks)
+    state = load_tensors(info, first_rows if budget is not None else None)
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if k not in info["tied"]]
     if missing or result.unexpected_keys:
@@ -358,7 +368,75 @@ def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") ->
         raise CheckpointError(f"{info['path']}: tensors not found in the file: {still_meta[:5]}")
     model.eval()
     model._quantkit_recipe_dict = info["recipe"]
+    held = bitstack_budget.model_memory_bytes(model)
+    if planned is not None and held != planned:
+        raise FormatError(f"{info['path']}: the loaded model holds {held:,} bytes but the header promised "
+                          f"{planned:,}; the artifact's sizes are inconsistent")
+    if budget is not None and held > budget:  # only reachable without BitStack layers
+        raise UsageError(f"memory budget {budget:,} bytes ({budget / 1e6:.2f} MB) is below this artifact's "
+                         f"minimum of {held:,} bytes ({held / 1e6:.2f} MB); it has no BitStack layers to drop")
+    model._quantkit_memory_bytes = held
     return model.to(device)
+
+
+def fixed_bytes(model: nn.Module, info: dict) -> int:
+    """Bytes the loaded model will hold outside its BitStack blocks, from a skeleton (packed
+    modules already swapped in; parameters may be on meta) and the file's header dtypes:
+    every parameter and buffer once (tied weights share one), the dtype the file stores
+    where it stores that name, the module's own dtype otherwise (packed-module buffers,
+    non-persistent buffers such as rotary inv_freq)."""
+    from quantkit.io.safetensors_check import DTYPE_BITS
+    from quantkit.nn.bitstack_linear import BitStackLinear
+
+    skip = {id(t) for m in model.modules() if isinstance(m, BitStackLinear) for t in (m.signs, m.u, m.v)}
+    total, seen = 0, set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in skip or id(t) in seen:
+            continue
+        seen.add(id(t))
+        entry = info["tensors"].get(name)
+        bits = DTYPE_BITS[entry["dtype"]] if entry is not None else 8 * t.element_size()
+        total += (t.numel() * bits + 7) // 8
+    return total
+
+
+def skeleton(out_dir: Union[str, Path], info: dict, blocks: Optional[dict] = None, meta_buffers: bool = False) -> nn.Module:
+    """The artifact's model with empty packed modules swapped in and parameters on meta.
+
+    blocks: {BitStack module: blocks to hold} (default: all stored). meta_buffers: put
+    buffers on meta too (nothing allocated; for header-only questions such as inspect).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
+    with (torch.device("meta") if meta_buffers else contextlib.nullcontext()), parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    blocks = blocks or {}
+    for name, spec in info["modules"].items():
+        fmt = spec.get("format")
+        if fmt not in PACKED_MODULES:
+            raise FormatError(f"{info['path']}: module {name} has unknown format {fmt!r}; "
+                              f"this quantkit knows {', '.join(PACKED_MODULES)}")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"{info['path']}: module {name} does not exist in {type(model).__name__}") from None
+        if name in blocks:
+            replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta", n_loaded=blocks[name]))
+        else:
+            replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta"))
+    return model
+
+
+def budget_plan(out_dir: Union[str, Path], info: Optional[dict] = None):
+    """The BitStack budget plan of an artifact (header and config only; nothing allocated)."""
+    from quantkit.io import bitstack_budget
+
+    info = info or read_metadata(out_dir)
+    return bitstack_budget.make_plan(info, fixed_bytes(skeleton(out_dir, info, meta_buffers=True), info))
 
 
 def load_tokenizer(folder: Union[str, Path]):

@@ -1,0 +1,155 @@
+"""BitStack: a weight as a stack of ~1-bit residual blocks (iterative absolute-value decomposition).
+
+A (scaled) weight W [m, n] (m = out_features, n = in_features) is decomposed in fp32 as
+
+    R_0 = W
+    for i in 0 .. n_blocks-1:
+        S_i = sign(R_i)  with sign(0) := +1                       ±1 [m, n]
+        |R_i| ≈ U_k Σ_k V_kᵀ (rank k SVD)
+        u_i = U_k · diag(sqrt(Σ_k))      [m, k]   stored fp16
+        v_i = diag(sqrt(Σ_k)) · V_kᵀ     [k, n]   stored fp16
+        block_i = S_i ⊙ (u_i v_i)
+        R_{i+1} = R_i − block_i          (with the fp32 u_i, v_i, before the fp16 cast)
+
+and any prefix of b blocks reconstructs  Ŵ_b = Σ_{i<b} S_i ⊙ (u_i v_i)  (u, v read back as
+fp32 from fp16). Error falls with every block, so one artifact can be loaded at any b.
+
+Packed layout (what ``quantize`` returns and the ``quantkit::bitstack_linear`` op takes):
+    signs  uint8 [b, m, ceil(n/8)]  bit = 1 for +1, 0 for −1; row by row, each row padded
+                                    with zero bits to whole bytes; **MSB first**: column c
+                                    of row r is bit (7 − c % 8) of byte signs[i, r, c // 8]
+                                    (the reference's bit order, but per row so a kernel
+                                    can address a row's bytes directly)
+    u      fp16  [b, m, k]
+    v      fp16  [b, k, n]
+Bytes per block: m·ceil(n/8) + 2·k·(m + n), i.e. ≈ 1 + 16·k·(m+n)/(m·n) bits/weight.
+
+Nothing here knows about models; ``quantkit.nn.BitStackLinear`` holds the packed tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import FormatError
+
+FORMAT_NAME = "bitstack"
+FORMAT_VERSION = 1
+SVD_METHODS = ("exact", "lowrank")
+# torch.svd_lowrank settings for svd="lowrank": oversampling of the random range finder
+# and power iterations (|R| has a dominant first singular value, so 2 iterations suffice;
+# see docs/benchmarks.md for the perplexity check against the exact SVD).
+_LOWRANK_OVERSAMPLE = 8
+_LOWRANK_NITER = 2
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # MSB first
+
+
+@dataclass(frozen=True)
+class BitStackBlocks:
+    """Packed blocks of one weight (see the module docstring for shapes and bit order)."""
+
+    signs: torch.Tensor  # uint8 [b, m, ceil(n/8)]
+    u: torch.Tensor      # fp16 [b, m, k]
+    v: torch.Tensor      # fp16 [b, k, n]
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.signs.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.u.shape[1]), int(self.v.shape[2])
+
+    @property
+    def rank(self) -> int:
+        return int(self.u.shape[2])
+
+    def prefix(self, b: int) -> "BitStackBlocks":
+        """The first ``b`` blocks (views, no copy)."""
+        if not 1 <= b <= self.n_blocks:
+            raise FormatError(f"need 1 <= b <= {self.n_blocks} blocks, got {b}")
+        return BitStackBlocks(self.signs[:b], self.u[:b], self.v[:b])
+
+
+def block_bytes(m: int, n: int, k: int) -> int:
+    """Bytes one residual block of an [m, n] weight at rank k occupies (signs + fp16 u, v)."""
+    return m * ((n + 7) // 8) + 2 * k * (m + n)
+
+
+def pack_signs(s: torch.Tensor) -> torch.Tensor:
+    """Bool/±1 [..., m, n] (True or >= 0 means +1) -> uint8 [..., m, ceil(n/8)], MSB first."""
+    pos = (s >= 0) if s.dtype != torch.bool else s
+    n = pos.shape[-1]
+    pad = (-n) % 8
+    if pad:
+        pos = torch.nn.functional.pad(pos, (0, pad), value=False)
+    bits = pos.reshape(*pos.shape[:-1], -1, 8).to(torch.uint8)
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 [..., m, ceil(n/8)] -> fp32 ±1 [..., m, n] (inverse of ``pack_signs``)."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] != (n + 7) // 8:
+        raise FormatError(f"packed signs must be uint8 [..., {(n + 7) // 8}] for n = {n}, "
+                          f"got {packed.dtype} {list(packed.shape)}")
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    bits = bits.reshape(*packed.shape[:-1], -1)[..., :n]
+    return bits.float() * 2.0 - 1.0
+
+
+def _rank_k_factors(a: torch.Tensor, k: int, svd: str, generator: torch.Generator | None):
+    """u [m, k], v [k, n] fp32 with u v ≈ a (best rank k for svd="exact")."""
+    k = min(k, *a.shape)
+    if svd == "exact":
+        U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+        U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    else:
+        q = min(k + _LOWRANK_OVERSAMPLE, *a.shape)
+        # svd_lowrank draws from the global RNG: fork it so the result depends only on the seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            U, S, V = torch.svd_lowrank(a, q=q, niter=_LOWRANK_NITER)
+        U, S, Vh = U[:, :k], S[:k], V[:, :k].T
+    root = S.clamp_min(0).sqrt()
+    return U * root, root[:, None] * Vh
+
+
+def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "exact",
+             seed: int = 0) -> BitStackBlocks:
+    """Decompose ``w`` [m, n] (any float dtype, read as fp32) into ``n_blocks`` residual blocks.
+
+    rank: k, the SVD rank per block (clipped to min(m, n); the stored u/v then have that
+    many columns). svd: "exact" (torch.linalg.svd, as the reference) or "lowrank"
+    (torch.svd_lowrank: randomized, ~7x faster on CPU; deterministic for a given seed).
+    """
+    if w.dim() != 2:
+        raise FormatError(f"bitstack decomposes 2-D weights, got shape {list(w.shape)}")
+    if n_blocks < 1 or rank < 1:
+        raise FormatError(f"n_blocks and rank must be >= 1, got {n_blocks} and {rank}")
+    if svd not in SVD_METHODS:
+        raise FormatError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    r = w.detach().float().clone()
+    if not torch.isfinite(r).all():
+        raise FormatError("bitstack: the weight holds NaN or Inf")
+    g = torch.Generator().manual_seed(seed)
+    signs, us, vs = [], [], []
+    for _ in range(n_blocks):
+        s = torch.where(r >= 0, 1.0, -1.0)
+        u, v = _rank_k_factors(r.abs(), rank, svd, g)
+        signs.append(pack_signs(s))
+        us.append(u.half())
+        vs.append(v.half())
+        r -= s * (u @ v)  # fp32 u, v: the residual tracks what the fp32 factors explain
+    return BitStackBlocks(torch.stack(signs), torch.stack(us), torch.stack(vs))
+
+
+def reconstruct(blocks: BitStackBlocks, b: int | None = None) -> torch.Tensor:
+    """Reference: Ŵ = Σ_{i<b} S_i ⊙ (u_i v_i) in fp32 [m, n] from the stored (fp16) factors."""
+    b = blocks.n_blocks if b is None else b
+    p = blocks.prefix(b)
+    m, n = p.shape
+    s = unpack_signs(p.signs, n)  # [b, m, n]
+    return (s * torch.bmm(p.u.float(), p.v.float())).sum(0)

@@ -1,0 +1,168 @@
+"""``BitStackLinear``: an nn.Linear replacement holding the first ``n_loaded`` BitStack blocks.
+
+State dict of a module with prefix ``p`` (b = blocks held, m = out, n = in, k = rank):
+
+    p.weight     uint8 [b, m, ceil(n/8)]  sign bits, MSB first per row (formats/bitstack.py)
+    p.weight.u   fp16  [b, m, k]
+    p.weight.v   fp16  [b, k, n]
+    p.bias       [m]                       (if any)
+
+An artifact stores every block (b = n_blocks); ``quantkit.load(OUT, memory_budget=...)``
+builds the module with fewer blocks and reads only the first rows of those tensors
+(quantkit/io/bitstack_budget.py). The module's ``spec()`` also carries this module's
+positions in the model-wide block order (``order``), from which a budget is turned into
+blocks per layer.
+
+The activation scale of the BitStack pass is folded into the previous op, so forward is
+plain ``x @ Ŵᵀ + bias``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+import quantkit._ops  # noqa: F401  (registers torch.ops.quantkit)
+from quantkit.errors import FormatError
+from quantkit.formats import bitstack
+
+_KEYS = {"signs": "weight", "u": "weight.u", "v": "weight.v"}
+
+
+class BitStackLinear(nn.Module):
+    """y = x @ Ŵᵀ + b with Ŵ = Σ_{i<n_loaded} S_i ⊙ (u_i v_i). x: [..., in_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, rank: int, n_blocks: int,
+                 n_loaded: Optional[int] = None, order: Optional[list[int]] = None,
+                 device: Optional[torch.device] = None, bias_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        n_loaded = n_blocks if n_loaded is None else n_loaded
+        if not (rank >= 1 and 1 <= n_loaded <= n_blocks):
+            raise FormatError(f"BitStackLinear needs rank >= 1 and 1 <= n_loaded <= n_blocks, got rank {rank}, "
+                              f"n_loaded {n_loaded}, n_blocks {n_blocks}")
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.n_blocks, self.n_loaded = rank, n_blocks, n_loaded
+        # order[i-1] = global position of block i (i >= 1) in the model-wide order (None: unranked)
+        self.order = list(order) if order is not None else None
+        e = dict(device=device)
+        self.register_buffer("signs", torch.empty((n_loaded, out_features, (in_features + 7) // 8),
+                                                  dtype=torch.uint8, **e))
+        self.register_buffer("u", torch.empty((n_loaded, out_features, rank), dtype=torch.float16, **e))
+        self.register_buffer("v", torch.empty((n_loaded, rank, in_features), dtype=torch.float16, **e))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, **e), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], n_blocks: int, rank: int,
+                    svd: str = "exact", seed: int = 0) -> "BitStackLinear":
+        """Decompose ``weight`` [out, in] (already scaled by the pass) into a full stack."""
+        q = bitstack.quantize(weight, n_blocks, rank, svd, seed)
+        m, n = weight.shape
+        mod = cls(n, m, bias is not None, q.rank, n_blocks, device="cpu",
+                  bias_dtype=bias.dtype if bias is not None else torch.float32)
+        mod.signs, mod.u, mod.v = q.signs, q.u, q.v
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.detach().clone().cpu(), requires_grad=False)
+        return mod
+
+    # --- blocks and memory -------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        return bitstack.block_bytes(self.out_features, self.in_features, self.rank)
+
+    def set_loaded(self, b: int) -> None:
+        """Use only the first ``b`` of the blocks held (views; used by the pass's ranking)."""
+        if not 1 <= b <= self.signs.shape[0]:
+            raise FormatError(f"{b} blocks requested but this module holds {self.signs.shape[0]}")
+        self.n_loaded = b
+
+    def packed(self) -> bitstack.BitStackBlocks:
+        b = self.n_loaded
+        return bitstack.BitStackBlocks(self.signs[:b], self.u[:b], self.v[:b])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        p = self.packed()
+        return torch.ops.quantkit.bitstack_dequantize(p.signs, p.u, p.v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.packed()
+        bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
+        return torch.ops.quantkit.bitstack_linear(x, p.signs, p.u, p.v, bias)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to every tensor; dtype casts only to the bias (the blocks are the
+        format: uint8 signs, fp16 factors)."""
+        fixed = {n: getattr(self, n) for n in ("signs", "u", "v")}
+        super()._apply(fn, recurse)
+        for name, before in fixed.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.n_loaded * self.block_bytes() / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, blocks={self.n_loaded}/{self.n_blocks}")
+
+    # --- artifact metadata -------------------------------------------------------------------
+    def spec(self) -> dict:
+        return {"format": bitstack.FORMAT_NAME, "format_version": bitstack.FORMAT_VERSION,
+                "in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "n_blocks": self.n_loaded, "order": self.order[:self.n_loaded - 1] if self.order else None,
+                "block_bytes": self.block_bytes(), "bias": self.bias is not None,
+                "bias_dtype": str(self.bias.dtype).removeprefix("torch.") if self.bias is not None else None,
+                "bits_per_weight": round(self.bits_per_weight(), 4)}
+
+    @classmethod
+    def from_spec(cls, spec: dict, device="meta", n_loaded: Optional[int] = None) -> "BitStackLinear":
+        try:
+            if int(spec["format_version"]) > bitstack.FORMAT_VERSION:
+                raise FormatError(f"bitstack format version {spec['format_version']} is newer than this quantkit")
+            bias_dtype = getattr(torch, spec.get("bias_dtype") or "float32")
+            return cls(int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"]), int(spec["rank"]),
+                       int(spec["n_blocks"]), n_loaded=n_loaded, order=spec.get("order"), device=device,
+                       bias_dtype=bias_dtype)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise FormatError(f"bad bitstack module spec {spec}: {e}") from None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for attr, key in _KEYS.items():
+            t = getattr(self.packed(), attr)
+            destination[prefix + key] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        for attr, key in {**_KEYS, "bias": "bias"}.items():
+            current = getattr(self, attr)
+            if current is None:
+                continue
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+                continue
+            value = state_dict[prefix + key]
+            if attr != "bias" and value.dim() == current.dim() and value.shape[0] > current.shape[0]:
+                value = value[:current.shape[0]]  # a full stack loaded into a module holding fewer blocks
+            if value.shape != current.shape or value.dtype != current.dtype:
+                error_msgs.append(f"{prefix + key}: expected {current.dtype} {list(current.shape)}, "
+                                  f"got {value.dtype} {list(value.shape)}")
+                continue
+            if attr == "bias":
+                if assign:
+                    self.bias = nn.Parameter(value, requires_grad=False)
+                else:
+                    with torch.no_grad():
+                        self.bias.copy_(value)
+            elif assign:
+                setattr(self, attr, value.contiguous())
+            else:
+                current.copy_(value)
+        own = {prefix + k for k in _KEYS.values()} | {prefix + "bias"}
+        for key in state_dict:
+            if key.startswith(prefix) and key not in own and "." not in key[len(prefix):]:
+                unexpected_keys.append(key)

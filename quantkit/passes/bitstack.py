@@ -1,0 +1,350 @@
+"""The ``bitstack`` pass: activation-aware scaling, residual-block decomposition, block order.
+
+Steps (facts from the reference implementation, algorithms.md §2):
+1. Calibration (one no-grad pass of the full-precision model over ``calib_samples`` token
+   windows, with forward pre-hooks): per decoder layer, the input of q_proj (shared by
+   q/k/v), o_proj, gate_proj (shared by gate/up) and down_proj. For each input X
+   [samples, tokens, d] the scale is s_j = mean over samples of ||X[sample, :, j]||_2 + 1e-3.
+   Every layer sees full-precision inputs (nothing is compressed yet), as in the reference.
+   For the ``proxy`` order the same hooks accumulate Gram matrices XᵀX.
+2. Scaling folded into the producer (free at run time): q/k/v columns × s and
+   input_layernorm.weight / s; gate/up columns × s and post_attention_layernorm.weight / s;
+   down_proj columns × s and up_proj rows / s (down's input is act(gate)·up); o_proj
+   columns × s and v_proj rows / s only when v_proj and o_proj have the same shape (plain
+   multi-head attention; with grouped-query attention a v row feeds several o columns).
+3. Decomposition of each scaled weight into ``n_blocks`` residual blocks of rank ``rank``
+   (quantkit/formats/bitstack.py).
+4. Model-wide block order, stored per module (``BitStackLinear.order``):
+   * ``proxy`` (default): greedy by calibration output-error reduction per byte. For a layer
+     with (scaled) input Gram H and error E_b = W' − Ŵ'_b after b blocks, block b+1 is worth
+     (tr(E_b H E_bᵀ) − tr(E_{b+1} H E_{b+1}ᵀ)) / tr(W' H W'ᵀ) / block_bytes: the drop of the
+     layer's relative output error energy per byte. A layer's blocks are taken in index
+     order (a heap over each layer's next block). Cost: one Gram per distinct input, and
+     a few n×n products per block.
+   * ``ppl``: the reference's ranking. For each level b = 1 .. n_blocks−1, with every layer at
+     b blocks, add one block to one layer, measure perplexity on the validation windows,
+     undo; sort each level's blocks by that perplexity (lowest first) and concatenate the
+     levels ((n_blocks − 1) · #layers evaluations). ``ppl_levels`` caps the levels ranked this
+     way (the remaining levels follow the proxy order, level by level) because on a CPU
+     each evaluation is a full forward pass. Validation windows are disjoint from the
+     calibration windows (one draw of disjoint tiles, split in two).
+Comparison of the two on SmolLM2-135M: docs/benchmarks.md (BitStack section).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.formats import bitstack
+from quantkit.nn.bitstack_linear import BitStackLinear
+from quantkit.passes.targets import replace_module, select_linears, validate_patterns
+from quantkit.progress import progress_bar
+
+SCALE_EPS = 1e-3  # added to every activation scale (reference: get_act_scale)
+
+
+@dataclass(frozen=True)
+class BitStackPassConfig:
+    """Recipe keys of the bitstack pass.
+
+    targets / ignore: module-name patterns of the linears to decompose (default: every
+        Linear except the output head; the reference decomposes q/k/v/o/gate/up/down).
+    n_blocks: residual blocks stored per layer (16 in the reference); any prefix loads.
+    rank: k, the SVD rank per block (16); each block costs m·n/8 + 2k(m+n) bytes.
+    svd: "exact" (torch.linalg.svd, as the reference) or "lowrank" (randomized, faster).
+    scale: activation-aware scaling folded into the previous op (Llama-style decoder
+        layers: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj and the two norms).
+    order: "proxy" (output-error reduction per byte, default) or "ppl" (the reference's
+        validation-perplexity ranking); see the module docstring.
+    calib_samples / calib_seq_len: windows of calibration text for the scales (and Grams).
+    val_samples / val_seq_len: validation windows for order "ppl" (disjoint from calibration).
+    ppl_levels: levels ranked by perplexity when order is "ppl" (0 = all n_blocks − 1).
+    seed: window draw and randomized-SVD seed.
+    """
+
+    targets: tuple[str, ...] = ("re:.*",)
+    ignore: tuple[str, ...] = ("lm_head",)
+    n_blocks: int = 16
+    rank: int = 16
+    svd: Literal["exact", "lowrank"] = "exact"
+    scale: bool = True
+    order: Literal["proxy", "ppl"] = "proxy"
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    val_samples: int = 2
+    val_seq_len: int = 256
+    ppl_levels: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("n_blocks", "rank", "calib_samples", "calib_seq_len", "val_samples", "val_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        if self.n_blocks > 64:
+            raise ValueError(f"'n_blocks' must be <= 64, got {self.n_blocks}")
+        if self.ppl_levels < 0:
+            raise ValueError(f"'ppl_levels' must be >= 0, got {self.ppl_levels}")
+        validate_patterns(self.targets, "targets")
+        validate_patterns(self.ignore, "ignore")
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+class _Stats:
+    """Per watched module input: Σ over samples of per-channel L2 norms over tokens, and XᵀX."""
+
+    def __init__(self, gram: bool):
+        self.gram = gram
+        self.norm_sum: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    def hook(self, name: str):
+        def fn(module, args):
+            x = args[0].detach().float()  # [batch, tokens, d]
+            norms = x.norm(dim=1).sum(0)  # Σ_samples ||X[s, :, j]||_2
+            self.norm_sum[name] = self.norm_sum.get(name, 0) + norms
+            if self.gram:
+                flat = x.reshape(-1, x.shape[-1])
+                self.xtx[name] = self.xtx.get(name, 0) + flat.T @ flat
+        return fn
+
+
+def _llama_layers(model: nn.Module):
+    """The decoder layers of a Llama-style model, or raise."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    ok = layers is not None and all(
+        hasattr(l, "self_attn") and hasattr(l, "mlp") and hasattr(l, "input_layernorm")
+        and hasattr(l, "post_attention_layernorm")
+        and all(isinstance(getattr(l.self_attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        and all(isinstance(getattr(l.mlp, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
+        for l in layers)
+    if not ok:
+        raise UsageError("bitstack scale: true needs Llama-style decoder layers (model.layers[i].self_attn.{q,k,v,o}"
+                         "_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm); "
+                         f"{type(model).__name__} does not have them (set scale: false)")
+    return layers
+
+
+def _watch_points(model: nn.Module, chosen: dict[str, nn.Linear]) -> dict[str, str]:
+    """Linear name -> name of the module whose input it reads (q/k/v share q's, gate/up share gate's)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    out = {}
+    for name in chosen:
+        parent, _, leaf = name.rpartition(".")
+        src = f"{parent}.{shared[leaf]}" if leaf in shared and f"{parent}.{shared[leaf]}" in names.values() else name
+        out[name] = src
+    return out
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, sources: set[str], ids: torch.Tensor, gram: bool, progress: bool) -> _Stats:
+    stats = _Stats(gram)
+    handles = [model.get_submodule(n).register_forward_pre_hook(stats.hook(n)) for n in sorted(sources)]
+    try:
+        for row in progress_bar(list(ids), desc="bitstack calibration", disable=not progress):
+            model(row[None])
+            stats.samples += 1
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def _fold_scales(model: nn.Module, scales: dict[str, torch.Tensor], chosen: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Scale weights in place (W' = W·diag(s)) and fold 1/s into the producers.
+
+    Returns {linear name: s} for the linears actually scaled (the input they now see is x / s).
+    """
+    applied = {}
+    for layer_idx, layer in enumerate(_llama_layers(model)):
+        prefix = _name_of(model, layer)
+        attn, mlp = layer.self_attn, layer.mlp
+
+        def group(members, producer_div):
+            names = [f"{prefix}.{m}" for m in members]
+            if not all(n in chosen for n in names) or names[0] not in scales:
+                return
+            s = scales[names[0]]
+            for n in names:
+                w = model.get_submodule(n).weight
+                w.mul_(s.to(w.dtype)[None, :])
+                applied[n] = s
+            producer_div(s)
+
+        def div_norm(norm):
+            return lambda s: norm.weight.div_(s.to(norm.weight.dtype))
+
+        def div_rows(linear):
+            def f(s):
+                linear.weight.div_(s.to(linear.weight.dtype)[:, None])
+                if linear.bias is not None:
+                    linear.bias.div_(s.to(linear.bias.dtype))
+            return f
+
+        group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], div_norm(layer.input_layernorm))
+        group(["mlp.gate_proj", "mlp.up_proj"], div_norm(layer.post_attention_layernorm))
+        # down's input is act(gate)·up: dividing up's output rows divides that input exactly
+        group(["mlp.down_proj"], div_rows(mlp.up_proj))
+        # o's input is the attention mix of v's outputs; only with as many v rows as o columns
+        # (no GQA head sharing) is dividing v's rows the same as dividing o's input
+        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+            group(["self_attn.o_proj"], div_rows(attn.v_proj))
+    return applied
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise UsageError("module not found in model")
+
+
+# ---- block order ----------------------------------------------------------------------------
+
+def _proxy_gains(mod: BitStackLinear, w_scaled: torch.Tensor, h: torch.Tensor) -> list[float]:
+    """Relative output-error-energy drop of blocks 2..n per byte (index i-1 = block i, i >= 1)."""
+    def energy(e):  # tr(E H Eᵀ)
+        return float(((e @ h) * e).sum())
+
+    total = max(energy(w_scaled), 1e-30)
+    blocks = mod.packed()
+    w_hat = torch.zeros_like(w_scaled)
+    errs = []
+    for i in range(mod.n_blocks):
+        w_hat += bitstack.reconstruct(bitstack.BitStackBlocks(blocks.signs[i:i + 1], blocks.u[i:i + 1],
+                                                              blocks.v[i:i + 1]))
+        errs.append(energy(w_scaled - w_hat))
+    bb = mod.block_bytes()
+    return [(errs[i - 1] - errs[i]) / total / bb for i in range(1, mod.n_blocks)]
+
+
+def _proxy_order(gains: dict[str, list[float]], levels_from: int = 1) -> list[tuple[str, int]]:
+    """Greedy order of (module, block index >= levels_from): best gain per byte first, each
+    module's blocks in index order."""
+    heap = [(-g[levels_from - 1], name, levels_from) for name, g in gains.items() if len(g) >= levels_from]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        _, name, i = heapq.heappop(heap)
+        out.append((name, i))
+        if i < len(gains[name]):
+            heapq.heappush(heap, (-gains[name][i], name, i + 1))
+    return out
+
+
+@torch.no_grad()
+def _val_nll(model: nn.Module, val_ids: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for row in val_ids:
+        logits = model(row[None]).logits[0, :-1].float()
+        total += float(nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
+        count += row.numel() - 1
+    return total / count
+
+
+class _DenseView(nn.Module):
+    """Stand-in for a BitStackLinear during ranking: a cached dense Ŵ_b, swapped per level."""
+
+    def __init__(self, weight: torch.Tensor, bias):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+@torch.no_grad()
+def _ppl_order(model: nn.Module, mods: dict[str, BitStackLinear], val_ids: torch.Tensor, levels: int,
+               progress: bool) -> list[tuple[str, int]]:
+    """The reference's level-major perplexity ranking for levels 1..levels (block index = level)."""
+    views = {}
+    for name, mod in mods.items():
+        views[name] = _DenseView(bitstack.reconstruct(mod.packed(), 1), mod.bias)
+        replace_module(model, name, views[name])
+    order = []
+    try:
+        for level in range(1, levels + 1):
+            cur = {n: v.weight for n, v in views.items()}
+            nxt = {n: bitstack.reconstruct(mods[n].packed(), level + 1) for n in mods}
+            scores = []
+            for name in progress_bar(list(mods), desc=f"bitstack ppl ranking, level {level}", disable=not progress):
+                views[name].weight = nxt[name]
+                scores.append((_val_nll(model, val_ids), name))
+                views[name].weight = cur[name]
+            order += [(name, level) for nll, name in sorted(scores, key=lambda t: (math.isnan(t[0]), t[0]))]
+            for name in mods:
+                views[name].weight = nxt[name]
+    finally:
+        for name, mod in mods.items():
+            replace_module(model, name, mod)
+    return order
+
+
+# ---- the pass ---------------------------------------------------------------------------------
+
+def apply(model: nn.Module, cfg: BitStackPassConfig, progress: bool = True, scope: str = "",
+          calib=None) -> list[str]:
+    """Decompose matching linears of ``model`` (in place) into BitStackLinear stacks."""
+    if scope:
+        raise UsageError("the bitstack pass needs the whole model (global calibration and block order); "
+                         "it cannot run block by block")
+    chosen = dict(select_linears(model, cfg.targets, cfg.ignore, scope))
+    if not chosen:
+        return []
+    need_val = cfg.order == "ppl"
+    need_calib = True  # scales and/or the Grams behind the proxy order
+    if (need_calib or need_val) and calib is None:
+        raise UsageError("the bitstack pass needs calibration data (quantkit.compress passes it)")
+    ids = None
+    if need_calib or need_val:
+        n = cfg.calib_samples + (cfg.val_samples if need_val else 0)
+        seq = max(cfg.calib_seq_len, cfg.val_seq_len if need_val else 0)
+        ids = calib.batches(n, seq, seed=cfg.seed)  # disjoint tiles when the text is long enough
+    watch = _watch_points(model, chosen)
+    was_training = model.training
+    model.eval()
+    scales, stats = {}, None
+    if need_calib:
+        stats = _calibrate(model, set(watch.values()), ids[:cfg.calib_samples, :cfg.calib_seq_len],
+                           gram=True, progress=progress)
+        scales = {n: stats.norm_sum[watch[n]] / stats.samples + SCALE_EPS for n in chosen}
+    applied = _fold_scales(model, scales, chosen) if cfg.scale else {}
+    mods, gains = {}, {}
+    for name, linear in progress_bar(list(chosen.items()), desc="bitstack decompose", disable=not progress):
+        w = linear.weight.data.float()
+        mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed)
+        if stats is not None:
+            h = stats.xtx[watch[name]] / stats.samples
+            if name in applied:  # the layer now reads x / s
+                inv = 1.0 / applied[name]
+                h = h * inv[:, None] * inv[None, :]
+            gains[name] = _proxy_gains(mod, w, h)
+        mods[name] = mod
+        replace_module(model, name, mod)
+    if stats is not None:
+        stats.xtx.clear()
+    if cfg.n_blocks > 1:
+        if cfg.order == "ppl":
+            levels = cfg.n_blocks - 1 if cfg.ppl_levels == 0 else min(cfg.ppl_levels, cfg.n_blocks - 1)
+            order = _ppl_order(model, mods, ids[cfg.calib_samples:, :cfg.val_seq_len], levels, progress)
+            if levels < cfg.n_blocks - 1:  # the rest level by level, by the error proxy
+                order += [(n, i) for n, i in _proxy_order(gains, levels_from=levels + 1)]
+        else:
+            order = _proxy_order(gains)
+        positions = {n: [] for n in mods}
+        for pos, (name, i) in enumerate(order):
+            positions[name].append(pos)
+        for name, mod in mods.items():
+            mod.order = positions[name]
+    model.train(was_training)
+    return list(chosen)

@@ -122,7 +122,7 @@ void rows_scalar(const DualBinWeight& w,  // packed weight
 // AVX-512 masked-add kernel: MB x rows (1..4) at a time share each mask load
 // ---------------------------------------------------------------------------------------
 template <int MB>
-__attribute__((target("avx512f"))) void row_block_avx512(const DualBinWeight& w,  // packed weight
+__attribute__((target("avx512f,f16c"))) void row_block_avx512(const DualBinWeight& w,  // packed weight
                                                          const float* xr,         // fp32 [MB, kp] x rows
                                                          int64_t kp,              // row stride of xr
                                                          int64_t n,               // output row
@@ -146,8 +146,10 @@ __attribute__((target("avx512f"))) void row_block_avx512(const DualBinWeight& w,
         s2[r] = _mm512_mask_add_ps(s2[r], m2, s2[r], xv);
       }
     }
-    const __m512 va1 = _mm512_set1_ps(half_to_float(a1[g]));
-    const __m512 va2 = _mm512_set1_ps(half_to_float(a2[g]));
+    // hardware fp16 -> fp32 (vcvtph2ps, exact); c10::Half's portable conversion is ~20
+    // integer ops, as much as the 64 weights' masked adds themselves
+    const __m512 va1 = _mm512_set1_ps(_cvtsh_ss(a1[g]));
+    const __m512 va2 = _mm512_set1_ps(_cvtsh_ss(a2[g]));
     for (int r = 0; r < MB; ++r) {
       acc[r] = _mm512_fmadd_ps(va1, s1[r], acc[r]);
       acc[r] = _mm512_fmadd_ps(va2, s2[r], acc[r]);
@@ -176,7 +178,7 @@ __attribute__((target("avx512f"))) int64_t dequant_group_avx512(const uint8_t* p
   return c;
 }
 
-__attribute__((target("avx512f"))) void rows_avx512(const DualBinWeight& w, const float* xp, int64_t m,
+__attribute__((target("avx512f,f16c"))) void rows_avx512(const DualBinWeight& w, const float* xp, int64_t m,
                                                     int64_t kp, int64_t n0, int64_t n1, float* yf) {
   float out[4];
   for (int64_t n = n0; n < n1; ++n) {

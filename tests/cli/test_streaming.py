@@ -208,7 +208,9 @@ def test_kill_9_then_resume_is_byte_identical(tiny_llama_dir, tmp_path, referenc
 
 def test_sigint_exits_130_and_resumes(tiny_llama_dir, tmp_path, reference, capsys):
     out = tmp_path / "out"
-    proc = _spawn(tiny_llama_dir, out)
+    # 2 s per block leaves 6 s between the journal showing 2 blocks and the end of the run,
+    # so the signal lands mid-run even when a loaded CI machine deschedules this test
+    proc = _spawn(tiny_llama_dir, out, delay="2.0")
     _wait_for_units(out, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -225,7 +227,7 @@ def test_sigint_exits_130_and_resumes(tiny_llama_dir, tmp_path, reference, capsy
 
 def test_sigterm_exits_143_without_output(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = _spawn(tiny_llama_dir, out)
+    proc = _spawn(tiny_llama_dir, out, delay="2.0")
     _wait_for_units(out, 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

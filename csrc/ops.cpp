@@ -13,7 +13,9 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/dualbin_linear.h"
 #include "cpu/bitstack_linear.h"
+#include "cpu/intk_linear.h"
 #include "cpu/lut4_linear.h"
 
 namespace quantkit {
@@ -230,6 +232,109 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("lut4_linear", &quantkit::lut4_linear_cpu);
 }
 
+// ---- int-k (quantkit/formats/intk.py) ------------------------------------------------------
+namespace quantkit {
+namespace {
+
+// Largest m that intk_linear runs on the decode-and-dot kernel; above it the weight is
+// decoded into fp32 row tiles and MKL sgemm runs (the dot kernel re-reads x per weight row
+// and cannot block like a GEMM). QUANTKIT_INTK_GEMM_M=<m> overrides (tests, benchmarks).
+int64_t intk_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_INTK_GEMM_M");
+    return e ? std::atoll(e) : int64_t{8};
+  }();
+  return v;
+}
+
+cpu::IntKWeight make_intk(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                          int64_t rows, int64_t cols, const char* op) {
+  TORCH_CHECK(bits >= 1 && bits <= 8, op, ": bits must be 1..8, got ", bits);
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": weight shape n=", rows, ", k=", cols, " must be non-negative");
+  const int64_t rb = (cols * bits + 7) / 8;
+  TORCH_CHECK(packed.device().is_cpu() && scale.device().is_cpu(), op, ": CPU kernel got tensors on ",
+              packed.device(), "/", scale.device());
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == rows &&
+                  packed.size(1) == rb,
+              op, ": packed must be uint8 [", rows, ", ", rb, "] for n=", rows, " x k=", cols, " at ", bits,
+              " bits, got ", packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == rows, op, ": scale must be fp32 [", rows,
+              "], got ", scale.scalar_type(), " ", scale.sizes());
+  TORCH_CHECK(packed.is_contiguous() && scale.is_contiguous(), op, ": packed and scale must be contiguous");
+  cpu::IntKWeight w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.bits = static_cast<int>(bits);
+  w.offset = static_cast<float>(offset);
+  w.rows = rows;
+  w.cols = cols;
+  w.row_bytes = rb;
+  return w;
+}
+
+at::Tensor intk_dequantize_cpu(const at::Tensor& packed, const at::Tensor& scale, int64_t bits, double offset,
+                               int64_t rows, int64_t cols) {
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, rows, cols, "intk_dequantize");
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(at::kFloat));
+  if (rows * cols > 0) cpu::intk_dequantize_rows(w, 0, rows, out.data_ptr<float>());
+  return out;
+}
+
+// y = (x.float() @ W.T + bias.float()).to(x.dtype): bf16/fp16 x is widened to fp32 first, so
+// every dtype computes what the reference computes (up to summation order).
+at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                           double offset, int64_t out_features, int64_t in_features,
+                           const std::optional<at::Tensor>& bias) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "intk_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is n=", n, " x k=", k);
+  TORCH_CHECK(x.device().is_cpu(), "intk_linear: CPU kernel got x on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "intk_linear: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, n, k, "intk_linear");
+  const int64_t m = k > 0 ? x.numel() / k : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->device().is_cpu(), "intk_linear: bias has ", bias->numel(),
+                " entries but n=", n, " (m=", m, ", k=", k, ")");
+    bf = bias->to(at::kFloat).contiguous().reshape({n});
+  }
+  if (m == 0 || n == 0 || k == 0) {
+    at::Tensor y = at::zeros(out_shape, x.options().dtype(at::kFloat));
+    if (bias.has_value() && y.numel() > 0) y = y + bf;
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor x2 = x.reshape({m, k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({m, n}, x2.options());
+  if (m <= intk_gemm_threshold()) {
+    cpu::intk_gemm_small(w, x2.data_ptr<float>(), m, bias.has_value() ? bf.data_ptr<float>() : nullptr,
+                         y.data_ptr<float>());
+  } else {
+    // 8 MB fp32 tiles in one reused buffer (as lut4_linear: a full-size copy is a fresh mmap)
+    const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
+    at::Tensor wbuf = at::empty({tile, k}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      at::Tensor wt = wbuf.narrow(0, 0, nt);
+      cpu::intk_dequantize_rows(w, n0, n0 + nt, wt.data_ptr<float>());
+      at::Tensor yt = y.narrow(1, n0, nt);
+      at::mm_out(yt, x2, wt.t());
+    }
+    if (bias.has_value()) y.add_(bf);
+  }
+  return y.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("intk_dequantize", &quantkit::intk_dequantize_cpu);
+  m.impl("intk_linear", &quantkit::intk_linear_cpu);
+}
+
 // ---- BitStack (csrc/cpu/bitstack_linear.cpp) ----------------------------------------------
 namespace quantkit {
 namespace {
@@ -324,16 +429,133 @@ TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("bitstack_linear", &quantkit::bitstack_linear_cpu);
 }
 
+// ---- dualbin (DB-LLM) ------------------------------------------------------------------
+namespace quantkit {
+namespace {
+
+cpu::DualBinWeight make_dualbin(const at::Tensor& plane1, const at::Tensor& plane2, const at::Tensor& alpha1,
+                                const at::Tensor& alpha2, int64_t group, int64_t rows, int64_t cols,
+                                const char* op) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, op, ": weight shape n=", rows, ", k=", cols, " must be non-negative");
+  TORCH_CHECK(group > 0 && group % 16 == 0, op, ": group must be a positive multiple of 16, got ", group);
+  const int64_t g = (cols + group - 1) / group, row_bytes = g * group / 8;
+  for (const at::Tensor* p : {&plane1, &plane2}) {
+    TORCH_CHECK(p->device().is_cpu() && p->scalar_type() == at::kByte && p->is_contiguous(), op,
+                ": planes must be contiguous CPU uint8, got ", p->scalar_type(), " on ", p->device());
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == rows && p->size(1) == row_bytes, op, ": plane is ", p->sizes(),
+                " but n=", rows, " x k=", cols, " at group ", group, " needs [", rows, ", ", row_bytes, "]");
+  }
+  for (const at::Tensor* a : {&alpha1, &alpha2}) {
+    TORCH_CHECK(a->device().is_cpu() && a->scalar_type() == at::kHalf && a->is_contiguous(), op,
+                ": alpha1/alpha2 must be contiguous CPU float16, got ", a->scalar_type(), " on ", a->device());
+    TORCH_CHECK(a->dim() == 2 && a->size(0) == rows && a->size(1) == g, op, ": alpha is ", a->sizes(),
+                " but n=", rows, " x k=", cols, " at group ", group, " needs [", rows, ", ", g, "]");
+  }
+  cpu::DualBinWeight w{};
+  w.plane1 = plane1.data_ptr<uint8_t>();
+  w.plane2 = plane2.data_ptr<uint8_t>();
+  w.alpha1 = reinterpret_cast<const uint16_t*>(alpha1.data_ptr<at::Half>());
+  w.alpha2 = reinterpret_cast<const uint16_t*>(alpha2.data_ptr<at::Half>());
+  w.group = group;
+  w.rows = rows;
+  w.cols = cols;
+  w.groups = g;
+  w.row_bytes = row_bytes;
+  return w;
+}
+
+at::Tensor dualbin_dequantize_cpu(const at::Tensor& plane1, const at::Tensor& plane2, const at::Tensor& alpha1,
+                                  const at::Tensor& alpha2, int64_t group, int64_t rows, int64_t cols) {
+  const cpu::DualBinWeight w = make_dualbin(plane1, plane2, alpha1, alpha2, group, rows, cols, "dualbin_dequantize");
+  at::Tensor out = at::empty({rows, cols}, plane1.options().dtype(at::kFloat));
+  if (rows > 0 && cols > 0) cpu::dualbin_dequantize_rows(w, 0, rows, out.data_ptr<float>());
+  return out;
+}
+
+// Largest m that runs the masked-add kernel; above it the weight is dequantized to fp32 in
+// row tiles (AVX-512 blends) and MKL sgemm runs. The masked-add kernel costs two masked adds
+// per 16 weights per x row, so its time grows linearly with m, while dequant + sgemm pays a
+// fixed decode. Measured 2026-11-23 (1 thread; the shared VM's 1-min load was ~8.8, so
+// +-30 %), ms, masked-add vs dequant+sgemm:
+//   4096x4096  m=2 2.0 vs 43   m=4 22 vs 59   m=8 33 vs 70   m=12 60 vs 86   m=16 75 vs 76
+//   576x1536   m=2 0.13 vs 0.30   m=8 0.42 vs 0.56   m=12 0.78 vs 0.67   m=16 1.12 vs 0.50
+//   1536x576   m=2 0.11 vs 0.30   m=8 0.33 vs 0.55   m=12 0.60 vs 0.64   m=16 0.64 vs 0.58
+// QUANTKIT_DUALBIN_GEMM_M=<m> overrides (tests use 0 to force the GEMM path).
+int64_t dualbin_gemm_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("QUANTKIT_DUALBIN_GEMM_M");
+    return e ? std::atoll(e) : int64_t{8};
+  }();
+  return v;
+}
+
+at::Tensor dualbin_linear_cpu(const at::Tensor& x, const at::Tensor& plane1, const at::Tensor& plane2,
+                              const at::Tensor& alpha1, const at::Tensor& alpha2, int64_t group,
+                              int64_t out_features, int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const int64_t n = out_features, k = in_features;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "dualbin_linear: x has last dim ", x.dim() ? x.size(-1) : 0,
+              " but the weight is n=", n, " x k=", k);
+  TORCH_CHECK(x.device().is_cpu(), "dualbin_linear: CPU kernel got x on ", x.device());
+  const cpu::DType xt = to_dtype(x, "x");
+  const cpu::DualBinWeight w = make_dualbin(plane1, plane2, alpha1, alpha2, group, n, k, "dualbin_linear");
+  const int64_t m = k > 0 ? x.numel() / k : 0;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  cpu::DType bt = cpu::DType::F32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n && bias->device().is_cpu(), "dualbin_linear: bias has ", bias->numel(),
+                " entries but n=", n, " (m=", m, ", k=", k, ")");
+    bt = to_dtype(*bias, "bias");
+  }
+  if (m == 0 || n == 0 || k == 0) {
+    at::Tensor y = at::zeros(out_shape, x.options().dtype(at::kFloat));
+    if (bias.has_value() && y.numel() > 0) y = y + bias->to(at::kFloat);
+    return y.to(x.scalar_type());
+  }
+  const at::Tensor xc = x.contiguous();
+  if (m > dualbin_gemm_threshold()) {
+    // fp32 row tiles of W (8 MB, reused) and MKL sgemm; same values as the reference up to
+    // summation order, for every x dtype (x is computed in fp32, as the reference does).
+    const int64_t tile = std::min<int64_t>(n, std::max<int64_t>(64, (int64_t{8} << 20) / (4 * k)));
+    at::Tensor wbuf = at::empty({tile, k}, plane1.options().dtype(at::kFloat));
+    const at::Tensor x2 = xc.reshape({m, k}).to(at::kFloat);
+    at::Tensor y = at::empty({m, n}, x2.options());
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      at::Tensor wt = wbuf.narrow(0, 0, nt);
+      cpu::dualbin_dequantize_rows(w, n0, n0 + nt, wt.data_ptr<float>());
+      at::Tensor yt = y.narrow(1, n0, nt);
+      at::mm_out(yt, x2, wt.t());
+    }
+    if (bias.has_value()) y.add_(bias->to(at::kFloat));
+    return y.to(x.scalar_type()).reshape(out_shape);
+  }
+  at::Tensor y = at::empty(out_shape, x.options());
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  cpu::dualbin_gemm_small(w, xc.data_ptr(), xt, m, bias.has_value() ? bc.data_ptr() : nullptr, bt, y.data_ptr());
+  return y;
+}
+
+}  // namespace
+}  // namespace quantkit
+
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("dualbin_dequantize", &quantkit::dualbin_dequantize_cpu);
+  m.impl("dualbin_linear", &quantkit::dualbin_linear_cpu);
+}
+
 // ---- Python module: importing it runs the static registration above -------------------
 namespace {
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::lut4_cpu_isa()); }
 PyObject* bitstack_cpu_isa(PyObject*, PyObject*) {
   return PyUnicode_FromString(quantkit::cpu::bitstack_cpu_isa());
 }
+PyObject* dualbin_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(quantkit::cpu::dualbin_cpu_isa()); }
 
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Vector ISA the lut4 CPU kernels use: avx512, avx2 or scalar."},
     {"bitstack_cpu_isa", bitstack_cpu_isa, METH_NOARGS, "Vector ISA the BitStack CPU kernels use."},
+    {"dualbin_cpu_isa", dualbin_cpu_isa, METH_NOARGS, "ISA of the dualbin CPU kernel: avx512 or scalar."},
     {nullptr, nullptr, 0, nullptr},
 };
 

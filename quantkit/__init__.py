@@ -7,6 +7,8 @@ Public API (small on purpose):
     quantkit.load_model(name_or_path) -> nn.Module            artifact, HF folder, .gguf, smollm2-135m
     quantkit.export(out_dir, to, dest)                        hf-bnb / onnx deployment export
     quantkit.Recipe, quantkit.load_recipe                     recipes (YAML -> frozen dataclasses)
+    quantkit.qat                                              QAT: plan / prepare / step / convert
+                                                              (imported on first use)
 
 Importing quantkit never initialises CUDA and works without the compiled extension.
 """
@@ -21,5 +23,15 @@ from quantkit.errors import QuantkitError
 from quantkit.export import export
 from quantkit.io.artifact import load, save
 from quantkit.recipe import Recipe, load_recipe
+
+
+def __getattr__(name):
+    # quantkit.qat is imported on first use so `import quantkit` stays light
+    if name == "qat":
+        import importlib
+
+        return importlib.import_module("quantkit.qat")
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
+
 
 __all__ = ["compress", "save", "load", "load_model", "export", "Recipe", "load_recipe", "QuantkitError", "__version__"]

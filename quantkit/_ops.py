@@ -174,6 +174,97 @@ torch.library.register_autograd("quantkit::lut4_linear", _lut4_linear_backward,
 
 
 # ----------------------------------------------------------------------------------------
+# int-k (quantkit/formats/intk.py): k-bit codes, per-output-channel fp32 scale
+# ----------------------------------------------------------------------------------------
+# intk_dequantize(packed, scale, bits, offset, rows, cols) -> Tensor
+#     packed  uint8 [rows, ceil(cols*bits/8)]  each row a little-endian bitstream of k-bit codes
+#     scale   fp32 [rows]
+#     returns fp32 [rows, cols] = (code - offset) * scale[row], exactly this fp32 expression.
+# intk_linear(x, packed, scale, bits, offset, out_features, in_features, bias?) -> Tensor
+#     x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
+#     y = (x.float() @ W.T + bias.float()).to(x.dtype), W = intk_dequantize(...) fp32.
+_lib.define("intk_dequantize(Tensor packed, Tensor scale, int bits, float offset, int rows, int cols) -> Tensor")
+_lib.define(
+    "intk_linear(Tensor x, Tensor packed, Tensor scale, int bits, float offset, int out_features, "
+    "int in_features, Tensor? bias) -> Tensor"
+)
+
+
+def _check_intk_args(packed, scale, bits, offset, rows, cols) -> None:
+    torch._check(1 <= bits <= 8, lambda: f"bits must be 1..8, got {bits}")
+    nbytes = -(-cols * bits // 8)
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
+    torch._check(packed.dim() == 2 and packed.shape[0] == rows and packed.shape[1] == nbytes,
+                 lambda: f"packed must be [{rows}, {nbytes}] for a {rows}x{cols} {bits}-bit weight, "
+                         f"got {list(packed.shape)}")
+    torch._check(scale.dtype == torch.float32 and scale.numel() == rows,
+                 lambda: f"scale must be fp32 [{rows}], got {scale.dtype} {list(scale.shape)}")
+
+
+def intk_dequantize_reference(packed, scale, bits, offset, rows, cols):
+    """Pure-torch reference: (code - offset) * scale[row], fp32 [rows, cols]."""
+    _check_intk_args(packed, scale, bits, offset, rows, cols)
+    nbytes = packed.shape[1]
+    bitpos = torch.arange(8, device=packed.device)
+    stream = ((packed.to(torch.int32)[:, :, None] >> bitpos) & 1).reshape(rows, nbytes * 8)[:, :cols * bits]
+    place = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
+    codes = (stream.reshape(rows, cols, bits) * place).sum(-1)
+    return (codes.to(torch.float32) - offset) * scale.reshape(rows, 1)
+
+
+def intk_linear_reference(x, packed, scale, bits, offset, out_features, in_features, bias=None):
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype."""
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    w = intk_dequantize_reference(packed, scale, bits, offset, out_features, in_features)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("intk_dequantize", intk_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("intk_linear", intk_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::intk_dequantize")
+def _intk_dequantize_fake(packed, scale, bits, offset, rows, cols):
+    _check_intk_args(packed, scale, bits, offset, rows, cols)
+    return packed.new_empty((rows, cols), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::intk_linear")
+def _intk_linear_fake(x, packed, scale, bits, offset, out_features, in_features, bias):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    _check_intk_args(packed, scale, bits, offset, out_features, in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _intk_linear_setup_context(ctx, inputs, output):
+    x, packed, scale, bits, offset, out_f, in_f, bias = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.meta = (bits, offset, out_f, in_f, bias is not None, x.dtype)
+
+
+def _intk_linear_backward(ctx, grad):
+    # gradients flow to x and bias; the packed weight is frozen (as for lut4_linear)
+    packed, scale = ctx.saved_tensors
+    bits, offset, out_f, in_f, has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.intk_dequantize(packed, scale, bits, offset, out_f, in_f)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[7]:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return grad_x, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("quantkit::intk_linear", _intk_linear_backward,
+                                setup_context=_intk_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
 # BitStack (quantkit/formats/bitstack.py): b residual blocks, each S_i ⊙ (u_i v_i)
 # ----------------------------------------------------------------------------------------
 # bitstack_dequantize(signs, u, v) -> Tensor
@@ -267,6 +358,111 @@ torch.library.register_autograd("quantkit::bitstack_linear", _bitstack_linear_ba
 
 
 # ----------------------------------------------------------------------------------------
+# dualbin (DB-LLM Flexible Dual Binarization, quantkit/formats/dualbin.py)
+# ----------------------------------------------------------------------------------------
+# dualbin_dequantize(plane1, plane2, alpha1, alpha2, group, rows, cols) -> Tensor
+#     plane1, plane2  uint8 [rows, G*group/8], G = ceil(cols/group); element k of a row is
+#                     bit k%8 of byte k//8 (LSB first); bits past cols are 0
+#     alpha1, alpha2  fp16 [rows, G]
+#     returns fp32 [rows, cols]: alpha1[n, k//group]*b1 + alpha2[n, k//group]*b2
+# dualbin_linear(x, plane1, plane2, alpha1, alpha2, group, out_features, in_features, bias?)
+#     x [..., in_features] fp32/bf16/fp16 -> [..., out_features] in x.dtype;
+#     y = x @ W.T + bias, W = dualbin_dequantize(...), accumulated in fp32.
+#     Native CPU kernel: m <= 8 rows of x use the plane bits as masks of masked adds (no
+#     decode); larger m dequantize fp32 row tiles (bit-exact) for MKL sgemm. Both match the
+#     reference up to summation order (and one rounding of bf16/fp16 outputs).
+_lib.define(
+    "dualbin_dequantize(Tensor plane1, Tensor plane2, Tensor alpha1, Tensor alpha2, int group, "
+    "int rows, int cols) -> Tensor"
+)
+_lib.define(
+    "dualbin_linear(Tensor x, Tensor plane1, Tensor plane2, Tensor alpha1, Tensor alpha2, int group, "
+    "int out_features, int in_features, Tensor? bias) -> Tensor"
+)
+
+
+def _check_dualbin_args(plane1, plane2, alpha1, alpha2, group, rows, cols) -> None:
+    """Shape/dtype checks shared by the fake and reference impls (messages name the shapes)."""
+    torch._check(group > 0 and group % 16 == 0, lambda: f"group must be a positive multiple of 16, got {group}")
+    g = -(-cols // group)
+    row_bytes = g * group // 8
+    for name, p in (("plane1", plane1), ("plane2", plane2)):
+        torch._check(p.dtype == torch.uint8, lambda: f"{name} must be uint8, got {p.dtype}")
+        torch._check(p.dim() == 2 and p.shape[0] == rows and p.shape[1] == row_bytes,
+                     lambda: f"{name} is {list(p.shape)} but a {rows}x{cols} weight at group {group} "
+                             f"needs [{rows}, {row_bytes}]")
+    for name, a in (("alpha1", alpha1), ("alpha2", alpha2)):
+        torch._check(a.dtype == torch.float16, lambda: f"{name} must be float16, got {a.dtype}")
+        torch._check(a.dim() == 2 and a.shape[0] == rows and a.shape[1] == g,
+                     lambda: f"{name} is {list(a.shape)} but a {rows}x{cols} weight at group {group} needs [{rows}, {g}]")
+
+
+def dualbin_dequantize_reference(plane1, plane2, alpha1, alpha2, group, rows, cols):
+    """Pure-torch reference: alpha1*b1 + alpha2*b2 per group, fp32 [rows, cols]."""
+    _check_dualbin_args(plane1, plane2, alpha1, alpha2, group, rows, cols)
+    g = alpha1.shape[1]
+    shifts = torch.arange(8, dtype=torch.uint8, device=plane1.device)
+
+    def bits(p):
+        return ((p.unsqueeze(-1) >> shifts) & 1).reshape(rows, g, group).float()
+
+    w = alpha1.float().unsqueeze(-1) * bits(plane1) + alpha2.float().unsqueeze(-1) * bits(plane2)
+    return w.reshape(rows, g * group)[:, :cols].contiguous()
+
+
+def dualbin_linear_reference(x, plane1, plane2, alpha1, alpha2, group, out_features, in_features, bias=None):
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype."""
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    w = dualbin_dequantize_reference(plane1, plane2, alpha1, alpha2, group, out_features, in_features)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+_lib.impl("dualbin_dequantize", dualbin_dequantize_reference, "CompositeExplicitAutograd")
+_lib.impl("dualbin_linear", dualbin_linear_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::dualbin_dequantize")
+def _dualbin_dequantize_fake(plane1, plane2, alpha1, alpha2, group, rows, cols):
+    _check_dualbin_args(plane1, plane2, alpha1, alpha2, group, rows, cols)
+    return plane1.new_empty((rows, cols), dtype=torch.float32)
+
+
+@torch.library.register_fake("quantkit::dualbin_linear")
+def _dualbin_linear_fake(x, plane1, plane2, alpha1, alpha2, group, out_features, in_features, bias):
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    _check_dualbin_args(plane1, plane2, alpha1, alpha2, group, out_features, in_features)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# Autograd as for lut4_linear: gradients to x and bias; the packed weight is frozen.
+def _dualbin_linear_setup_context(ctx, inputs, output):
+    (x, plane1, plane2, alpha1, alpha2, group, out_f, in_f, bias) = inputs
+    ctx.save_for_backward(plane1, plane2, alpha1, alpha2)
+    ctx.meta = (group, out_f, in_f, bias is not None, x.dtype)
+
+
+def _dualbin_linear_backward(ctx, grad):
+    plane1, plane2, alpha1, alpha2 = ctx.saved_tensors
+    group, out_f, in_f, has_bias, x_dtype = ctx.meta
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.quantkit.dualbin_dequantize(plane1, plane2, alpha1, alpha2, group, out_f, in_f)
+        grad_x = (grad.float() @ w).to(x_dtype)
+    if has_bias and ctx.needs_input_grad[8]:
+        grad_bias = grad.reshape(-1, out_f).sum(0)
+    return grad_x, None, None, None, None, None, None, None, grad_bias
+
+
+torch.library.register_autograd("quantkit::dualbin_linear", _dualbin_linear_backward,
+                                setup_context=_dualbin_linear_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
 # Native kernels
 # ----------------------------------------------------------------------------------------
 KERNEL_MODE = os.environ.get("QUANTKIT_KERNEL", "auto").strip().lower()
@@ -312,4 +508,5 @@ def _has_cuda_kernels() -> bool:
 def has_native_cpu_kernel(op: str = "lut4_linear") -> bool:
     """Whether ``quantkit::<op>`` has a registered CPU kernel (vs the reference)."""
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"quantkit::{op}", "CPU"))
+
 

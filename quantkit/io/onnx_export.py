@@ -34,6 +34,13 @@ File layout: ``model.onnx`` holds graph and weights in one file when they fit in
 2 GiB limit, else the weights go to ``model.onnx.data`` next to it (ONNX external data);
 plus the artifact's config.json, tokenizer and generation files.
 
+    intk (4-bit codes, offset 8)  ->  com.microsoft::MatMulNBits(A, B, scales) [+ Add(bias)]
+        B       uint8 [N, ceil(K/32), 16]  our rows re-blocked (same nibble order: low first),
+                                           padding codes 8 (= 0)
+        scales  fp32 [N*ceil(K/32)]        the per-row scale repeated per block
+        attributes K, N, bits=4, block_size=32 (zero point: the op's default 8)
+    int-k otherwise, dualbin, bitstack  ->  a standard-op graph (quantkit/io/onnx_graphs.py)
+
 Adding a format: write ``_<format>_to_onnx(module) -> nn.Module`` (an export-ready module
 whose forward calls ops with a translation) and add it to ``ONNX_FORMATS``.
 """
@@ -123,14 +130,112 @@ def _translate_matmul_bnb4(x, packed, absmax, bias=None, K: int = 0, N: int = 0,
     return y
 
 
+# ---------------------------------------------------------------------------------------
+# int-k, 4-bit codes centred at 8 (LSQ int4) -> com.microsoft::MatMulNBits
+# ---------------------------------------------------------------------------------------
+NBITS_BLOCK = 32  # MatMulNBits block along K; our scale is per row, so every block of a row repeats it
+
+
+@torch.library.custom_op("quantkit_onnx::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                 K: int, N: int, block_size: int) -> torch.Tensor:
+    """y = x @ W.T (+ bias): MatMulNBits' math for bits=4 and no zero points (zero point 8).
+
+    packed uint8 [N, kb, block_size/2], low nibble = earlier element; scales fp32 [N*kb];
+    W[n, c] = (code - 8) * scales[n*kb + c // block_size], c < K.
+    """
+    kb = packed.shape[1]
+    flat = packed.reshape(N, kb * block_size // 2)
+    codes = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(N, kb * block_size)[:, :K]
+    scale = scales.reshape(N, kb).repeat_interleave(block_size, dim=1)[:, :K]
+    w = (codes.float() - 8.0) * scale
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, packed, scales, bias, K, N, block_size):
+    torch._check(x.shape[-1] == K, lambda: f"x has last dim {x.shape[-1]}, weight is {N}x{K}")
+    return x.new_empty((*x.shape[:-1], N))
+
+
+class NBitsExportLinear(nn.Module):
+    """Export-time stand-in for a 4-bit IntKLinear in MatMulNBits' layout."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor], K: int, N: int):
+        super().__init__()
+        self.K, self.N = K, N
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantkit_onnx.matmul_nbits(x, self.packed, self.scales, self.bias, self.K, self.N,
+                                                    NBITS_BLOCK)
+
+
+def nbits_layout(packed: torch.Tensor, scale: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantkit int4 rows (uint8 [N, ceil(K/2)], code c in the low nibble of byte c//2 when c
+    is even, the high one when odd: MatMulNBits' nibble order already) -> MatMulNBits B
+    uint8 [N, kb, 16] and scales fp32 [N*kb], kb = ceil(K/32). Padding codes are 8 (zero)."""
+    n = packed.shape[0]
+    kb = -(-K // NBITS_BLOCK)
+    out = torch.full((n, kb * NBITS_BLOCK // 2), 0x88, dtype=torch.uint8)
+    out[:, :packed.shape[1]] = packed
+    if K % 2:  # the row's last byte holds one code; its unused high nibble must decode to 0
+        out[:, K // 2] = (out[:, K // 2] & 0x0F) | 0x80
+    return out.reshape(n, kb, NBITS_BLOCK // 2), scale.float().repeat_interleave(kb)
+
+
+def _intk_to_onnx(module) -> nn.Module:
+    from quantkit.io.onnx_graphs import intk_graph
+
+    s = module.state
+    if s.bits == 4 and float(s.offset) == 8.0:
+        b, scales = nbits_layout(module.weight.cpu(), module.weight_scale.cpu(), module.in_features)
+        return NBitsExportLinear(b, scales, module.bias, module.in_features, module.out_features)
+    return intk_graph(module)
+
+
+def _translate_matmul_nbits(x, packed, scales, bias=None, K: int = 0, N: int = 0, block_size: int = 32):
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    msft = Opset("com.microsoft", 1)
+    y = msft.MatMulNBits(x, packed, scales, K=K, N=N, bits=4, block_size=block_size)
+    if bias is not None:
+        y = op.Add(y, bias)
+    return y
+
+
+def _dequant_graph_modules() -> tuple:
+    from quantkit.io.onnx_graphs import DequantMatMul
+    return (DequantMatMul,)
+
+
+def _graph(name: str) -> Callable[[nn.Module], nn.Module]:
+    def convert(module):
+        from quantkit.io import onnx_graphs
+        return getattr(onnx_graphs, name)(module)
+    return convert
+
+
 # format -> (what it becomes, converter(module) -> export-ready module)
 ONNX_FORMATS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "lut4": ("nf4/fp4 as com.microsoft::MatMulBnb4", _lut4_to_onnx),
+    "intk": ("int4 (offset 8) as com.microsoft::MatMulNBits; other int-k as a standard-op dequantize + MatMul",
+             _intk_to_onnx),
+    "dualbin": ("DB-LLM dual-binary as a standard-op unpack + scaled planes + MatMul", _graph("dualbin_graph")),
+    "bitstack": ("BitStack (the loaded blocks) as a standard-op unpack + Σ S ⊙ (u v) + MatMul",
+                 _graph("bitstack_graph")),
 }
 
 
 def _translation_table() -> dict:
-    return {torch.ops.quantkit_onnx.matmul_bnb4.default: _translate_matmul_bnb4}
+    return {torch.ops.quantkit_onnx.matmul_bnb4.default: _translate_matmul_bnb4,
+            torch.ops.quantkit_onnx.matmul_nbits.default: _translate_matmul_nbits}
 
 
 def register_contrib_schemas() -> None:
@@ -138,9 +243,24 @@ def register_contrib_schemas() -> None:
     from onnx import defs
     from onnx.defs import OpSchema
 
+    attr = OpSchema.AttrType
+    if not defs.has("MatMulNBits", "com.microsoft"):
+        defs.register_schema(OpSchema(
+            "MatMulNBits", "com.microsoft", 1,
+            doc="ONNX Runtime contrib op: Y = A @ dequant(B).T, B k-bit blocks along K, low nibble first.",
+            inputs=[OpSchema.FormalParameter("A", "T1"), OpSchema.FormalParameter("B", "T2"),
+                    OpSchema.FormalParameter("scales", "T1")],
+            outputs=[OpSchema.FormalParameter("Y", "T1")],
+            type_constraints=[("T1", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "activations"),
+                              ("T2", ["tensor(uint8)"], "packed weights")],
+            attributes=[OpSchema.Attribute("K", attr.INT, "input features"),
+                        OpSchema.Attribute("N", attr.INT, "output features"),
+                        OpSchema.Attribute("bits", attr.INT, "bits per weight"),
+                        OpSchema.Attribute("block_size", attr.INT, "weights per scale along K"),
+                        OpSchema.Attribute("accuracy_level", attr.INT, "0 = fp32 compute", required=False)],
+        ))
     if defs.has("MatMulBnb4", "com.microsoft"):
         return
-    attr = OpSchema.AttrType
     schema = OpSchema(
         "MatMulBnb4", "com.microsoft", 1,
         doc="ONNX Runtime contrib op: Y = A @ dequant(B).T, B nf4/fp4 in bitsandbytes layout.",
@@ -219,6 +339,10 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
     check_exportable(info["modules"], "onnx")
     model = load(out_dir).float()  # fp32 graph (norms, embeddings) whatever the source dtype; packed bytes untouched
     model = prepare_for_onnx(model, info["modules"])
+    # The exporter's optimizer constant-folds small initializer-only subgraphs, which would
+    # write a dequantized fp32 weight into the file; formats decoded by a standard-op graph
+    # therefore export unoptimized (ONNX Runtime optimizes the graph when it loads it).
+    optimize = not any(isinstance(m, _dequant_graph_modules()) for m in model.modules())
     model.config.use_cache = False
     register_contrib_schemas()
 
@@ -231,7 +355,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
             program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["input_ids"],
                                         output_names=["logits"], dynamic_shapes=dims, opset_version=OPSET,
                                         custom_translation_table=_translation_table(), external_data=False,
-                                        optimize=True, verbose=False, report=False)
+                                        optimize=optimize, verbose=False, report=False)
         except Exception as e:
             raise FormatError(f"torch.onnx export of {type(model).__name__} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e

@@ -6,8 +6,10 @@ their safetensors metadata, so loading never guesses a format from tensor names.
 """
 
 from quantkit.nn.bitstack_linear import BitStackLinear
+from quantkit.nn.dualbin_linear import DualBinLinear
+from quantkit.nn.intk_linear import IntKLinear
 from quantkit.nn.lut4_linear import Lut4Linear
 
-PACKED_MODULES = {"lut4": Lut4Linear, "bitstack": BitStackLinear}
+PACKED_MODULES = {"lut4": Lut4Linear, "intk": IntKLinear, "dualbin": DualBinLinear, "bitstack": BitStackLinear}
 
-__all__ = ["BitStackLinear", "Lut4Linear", "PACKED_MODULES"]
+__all__ = ["BitStackLinear", "DualBinLinear", "IntKLinear", "Lut4Linear", "PACKED_MODULES"]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
-from quantkit.passes import bitstack, ptq_lut4
+from quantkit.passes import bitstack, dbllm, ptq_lut4, qat
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ PASSES: dict[str, PassSpec] = {
                     "4-bit NormalFloat PTQ, bitsandbytes layout"),
     "fp4": PassSpec("fp4", ptq_lut4.Lut4PassConfig, partial(ptq_lut4.apply, quant_type="fp4"),
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
+    "qat": PassSpec("qat", qat.QATPassConfig, qat.apply,
+                    "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
     "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,
                          "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True),
+    "dbllm": PassSpec("dbllm", dbllm.DbllmPassConfig, dbllm.apply,
+                      "DB-LLM 2-bit dual binarization + distillation", calibrated=True),
 }

@@ -193,10 +193,12 @@ def test_unsupported_format_names_module_type_and_supported(artifacts, tmp_path,
     from quantkit.export import check_exportable
     from quantkit.io import hf_bnb
 
-    # a format the target has no entry for (e.g. a future dual-binary layer)
-    with pytest.raises(UsageError, match=r"cannot export module model.layers.0.mlp.up_proj \(unknown module type, "
+    # a format bitsandbytes cannot express (the DB-LLM dual-binary layer), and one quantkit does not know
+    with pytest.raises(UsageError, match=r"cannot export module model.layers.0.mlp.up_proj \(DualBinLinear, "
                                          r"format dualbin\) to hf-bnb: hf-bnb supports only lut4 \(nf4/fp4"):
         check_exportable({"model.layers.0.mlp.up_proj": {"format": "dualbin"}}, "hf-bnb")
+    with pytest.raises(UsageError, match=r"\(unknown module type, format nosuch\) to hf-bnb"):
+        check_exportable({"m": {"format": "nosuch"}}, "hf-bnb")
     # the real artifact, with lut4 taken out of the table: the error names the module's class
     monkeypatch.setattr(hf_bnb, "HF_BNB_FORMATS", {"int4": ("int4 as something", None)})
     with pytest.raises(UsageError, match=r"cannot export module model\.layers\.0\.\S+ \(Lut4Linear, format lut4/nf4\) "

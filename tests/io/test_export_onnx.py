@@ -163,9 +163,12 @@ def test_module_that_cannot_be_expressed_is_named(artifacts, tmp_path):
 def test_unsupported_format_lists_onnx_formats():
     from quantkit.export import check_exportable
 
-    with pytest.raises(UsageError, match=r"cannot export module m \(BitStackLinear, format bitstack\) to onnx: "
-                                         r"onnx supports only lut4 \(nf4/fp4 as com.microsoft::MatMulBnb4\)"):
-        check_exportable({"m": {"format": "bitstack"}}, "onnx")
+    with pytest.raises(UsageError, match=r"cannot export module m \(unknown module type, format nosuch\) to onnx: "
+                                         r"onnx supports only lut4 \(nf4/fp4 as com.microsoft::MatMulBnb4\); "
+                                         r"intk .*; dualbin .*; bitstack "):
+        check_exportable({"m": {"format": "nosuch"}}, "onnx")
+    for fmt in ("lut4", "intk", "dualbin", "bitstack"):  # every packed format has an ONNX form
+        check_exportable({"m": {"format": fmt}}, "onnx")
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to", required=True, choices=["hf-bnb", "onnx"], help="export target")
     x.add_argument("-o", "--dest", required=True, metavar="DEST", help="output folder (must not exist unless --overwrite)")
     x.add_argument("--overwrite", action="store_true", help="replace DEST if it exists (only once the new one is complete)")
+    x.add_argument("--memory-budget", metavar="SIZE",
+                   help="onnx only: export the model as `quantkit.load(OUT, memory_budget=SIZE)` loads it (a "
+                        "BitStack artifact keeps only the blocks that fit; e.g. 120MB)")
     _add_common(x)
     return parser
 
@@ -300,7 +303,7 @@ def cmd_export(args) -> int:
 
     t0 = time.perf_counter()
     _status(args, f"exporting {args.out} to {args.to}")
-    dest = export(args.out, to=args.to, dest=args.dest, overwrite=args.overwrite)
+    dest = export(args.out, to=args.to, dest=args.dest, overwrite=args.overwrite, memory_budget=args.memory_budget)
     print(f"wrote {dest} ({args.to}): {artifact.artifact_bytes(dest) / 1e6:.1f} MB on disk "
           f"(artifact {artifact.artifact_bytes(args.out) / 1e6:.1f} MB), {time.perf_counter() - t0:.1f} s")
     return 0

@@ -76,18 +76,24 @@ def check_export_paths(out: Union[str, Path], dest: Union[str, Path], overwrite:
     return out, dest
 
 
-def export(out: Union[str, Path], to: str, dest: Union[str, Path], overwrite: bool = False) -> Path:
+def export(out: Union[str, Path], to: str, dest: Union[str, Path], overwrite: bool = False,
+           memory_budget: Union[int, str, None] = None) -> Path:
     """Export the artifact ``out`` to ``dest`` for target ``to`` ("hf-bnb" or "onnx"); returns ``dest``.
 
     Raises UsageError for an unknown target, a missing ``out``, an existing ``dest``
     (unless ``overwrite``) or a format the target cannot express; FormatError when a module
-    fails to convert (the message names it).
+    fails to convert (the message names it). ``memory_budget`` (onnx only) exports the model
+    as ``quantkit.load(out, memory_budget=...)`` loads it: a BitStack artifact keeps the
+    blocks that fit.
     """
     if to not in TARGETS:
         raise UsageError(f"unknown export target {to!r}; valid targets: {', '.join(TARGETS)}")
     out, dest = check_export_paths(out, dest, overwrite)
     if to == "hf-bnb":
+        if memory_budget is not None:
+            raise UsageError("a memory budget applies to onnx export (BitStack blocks); hf-bnb exports nf4/fp4 "
+                             "layers as stored")
         from quantkit.io.hf_bnb import export_hf_bnb
         return export_hf_bnb(out, dest, overwrite=overwrite)
     from quantkit.io.onnx_export import export_onnx
-    return export_onnx(out, dest, overwrite=overwrite)
+    return export_onnx(out, dest, overwrite=overwrite, memory_budget=memory_budget)

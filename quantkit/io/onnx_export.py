@@ -323,8 +323,11 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
-def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bool = False) -> Path:
-    """Write ``dest``: ``model.onnx`` (input_ids -> logits) plus config and tokenizer files."""
+def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bool = False,
+                memory_budget: Union[int, str, None] = None) -> Path:
+    """Write ``dest``: ``model.onnx`` (input_ids -> logits) plus config and tokenizer files.
+
+    memory_budget: export the model as ``load(out_dir, memory_budget=...)`` loads it."""
     from quantkit.export import check_exportable, check_export_paths
     from quantkit.io.artifact import load
 
@@ -337,7 +340,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
                          "pip install onnx onnxscript (onnxruntime to run the result)") from None
     info = read_metadata(out_dir)
     check_exportable(info["modules"], "onnx")
-    model = load(out_dir).float()  # fp32 graph (norms, embeddings) whatever the source dtype; packed bytes untouched
+    model = load(out_dir, memory_budget=memory_budget).float()  # fp32 graph (norms, embeddings) whatever the source dtype; packed bytes untouched
     model = prepare_for_onnx(model, info["modules"])
     # The exporter's optimizer constant-folds small initializer-only subgraphs, which would
     # write a dequantized fp32 weight into the file; formats decoded by a standard-op graph

@@ -120,3 +120,24 @@ def test_graph_decoders_equal_the_references():
     u, v = torch.randn(3, n, 4, generator=g).half(), torch.randn(3, 4, k, generator=g).half()
     torch.testing.assert_close(G._bitstack_weight(signs, u, v), _ops.bitstack_dequantize_reference(signs, u, v),
                                atol=0, rtol=0)
+
+
+def test_bitstack_export_under_a_memory_budget_keeps_only_the_loaded_blocks(artifacts, tmp_path):
+    from quantkit.io.artifact import budget_plan
+
+    out = artifacts["bitstack"]
+    plan = budget_plan(out)
+    dest = quantkit.export(out, to="onnx", dest=tmp_path / "min", memory_budget=plan.minimum)
+    proto = onnx.load(str(dest / "model.onnx"))
+    signs = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.UINT8 and len(t.dims) == 3]
+    n_layers = len(read_metadata(out)["modules"])
+    assert len(signs) == n_layers and all(t.dims[0] == 1 for t in signs)  # one block each at the minimum
+    model = quantkit.load(out, memory_budget=plan.minimum)
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    got = ort.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"input_ids": ids.numpy()})[0]
+    assert float(np.abs(got - ref).max()) <= REL_TOL * float(np.abs(ref).max())
+    with pytest.raises(quantkit.QuantkitError, match="memory budget applies to onnx"):
+        quantkit.export(out, to="hf-bnb", dest=tmp_path / "hf", memory_budget="1GB")

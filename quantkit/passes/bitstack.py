@@ -15,13 +15,13 @@ Steps (facts from the reference implementation, algorithms.md §2):
 3. Decomposition of each scaled weight into ``n_blocks`` residual blocks of rank ``rank``
    (quantkit/formats/bitstack.py).
 4. Model-wide block order, stored per module (``BitStackLinear.order``):
-   * ``proxy`` (default): greedy by calibration output-error reduction per byte. For a layer
+   * ``proxy``: greedy by calibration output-error reduction per byte. For a layer
      with (scaled) input Gram H and error E_b = W' − Ŵ'_b after b blocks, block b+1 is worth
      (tr(E_b H E_bᵀ) − tr(E_{b+1} H E_{b+1}ᵀ)) / tr(W' H W'ᵀ) / block_bytes: the drop of the
      layer's relative output error energy per byte. A layer's blocks are taken in index
      order (a heap over each layer's next block). Cost: one Gram per distinct input, and
      a few n×n products per block.
-   * ``ppl``: the reference's ranking. For each level b = 1 .. n_blocks−1, with every layer at
+   * ``ppl`` (default, ``ppl_levels`` = 1): the reference's ranking. For each level b = 1 .. n_blocks−1, with every layer at
      b blocks, add one block to one layer, measure perplexity on the validation windows,
      undo; sort each level's blocks by that perplexity (lowest first) and concatenate the
      levels ((n_blocks − 1) · #layers evaluations). ``ppl_levels`` caps the levels ranked this
@@ -61,11 +61,13 @@ class BitStackPassConfig:
     svd: "exact" (torch.linalg.svd, as the reference) or "lowrank" (randomized, faster).
     scale: activation-aware scaling folded into the previous op (Llama-style decoder
         layers: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj and the two norms).
-    order: "proxy" (output-error reduction per byte, default) or "ppl" (the reference's
-        validation-perplexity ranking); see the module docstring.
+    order: "ppl" (the reference's validation-perplexity ranking, for ``ppl_levels`` levels,
+        then the proxy; default) or "proxy" (output-error reduction per byte); see the module
+        docstring and docs/benchmarks.md for the comparison behind the default.
     calib_samples / calib_seq_len: windows of calibration text for the scales (and Grams).
     val_samples / val_seq_len: validation windows for order "ppl" (disjoint from calibration).
-    ppl_levels: levels ranked by perplexity when order is "ppl" (0 = all n_blocks − 1).
+    ppl_levels: levels ranked by perplexity when order is "ppl" (0 = all n_blocks − 1; default 1:
+        each level costs one forward pass per decomposed layer).
     seed: window draw and randomized-SVD seed.
     """
 
@@ -75,12 +77,12 @@ class BitStackPassConfig:
     rank: int = 16
     svd: Literal["exact", "lowrank"] = "exact"
     scale: bool = True
-    order: Literal["proxy", "ppl"] = "proxy"
+    order: Literal["proxy", "ppl"] = "ppl"
     calib_samples: int = 16
     calib_seq_len: int = 512
-    val_samples: int = 2
-    val_seq_len: int = 256
-    ppl_levels: int = 0
+    val_samples: int = 1
+    val_seq_len: int = 128
+    ppl_levels: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -93,11 +93,18 @@ def test_compress_replaces_linears_with_valid_order(fp_model, bs_dir):
 
 
 def test_ppl_order_is_level_major(fp_model):
-    model = quantkit.compress(fp_model, _recipe("ppl"), progress=False)
+    model = quantkit.compress(fp_model, _recipe("ppl", ppl_levels=0), progress=False)
     mods = _order_ok(model)
     n = len(mods)
     for m in mods.values():  # level b's blocks take positions [(b-1)·n, b·n)
         assert [p // n for p in m.order] == list(range(N_BLOCKS - 1))
+
+
+def test_ppl_first_level_then_proxy(fp_model):
+    """The shipped default: level 1 ranked by perplexity, every block 2 before any block 3+."""
+    model = quantkit.compress(fp_model, _recipe("ppl", ppl_levels=1), progress=False)
+    mods = _order_ok(model)
+    assert sorted(m.order[0] for m in mods.values()) == list(range(len(mods)))
 
 
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):

@@ -23,7 +23,7 @@ from torch import nn
 from quantkit.formats import lut4
 from quantkit.passes.targets import validate_patterns
 
-QUANTIZERS = ("auto", "lsq", "sign", "seq", "ternary", "nf4", "fp4")
+QUANTIZERS = ("auto", "lsq", "sign", "seq", "ternary", "nf4", "fp4", "dualbin")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ class QATPassConfig:
     quantizer: auto | lsq | sign | seq | ternary | nf4 | fp4. auto picks ParetoQ's choice
         for ``bits``: 1 -> sign (sign(w)·α), 2 -> seq (stretched elastic, levels ±α/4, ±3α/4),
         3..8 -> lsq (symmetric integers, learnable step). lsq takes bits 2..8, sign 1, seq
-        and ternary 2 (ternary stores its three levels in 2 bits).
+        and ternary 2 (ternary stores its three levels in 2 bits). dualbin (bits 2): DB-LLM's
+        two binary planes with learnable α1/α2 per group of ``blocksize`` weights along K;
+        converts to the ``dualbin`` format (2.5 bits/weight at group 64).
     targets / ignore: module-name patterns as in every pass (default: every Linear but lm_head).
     start: when fake quantization switches on: "plan" (the plan's qat_start, the default),
         a fraction of the run's steps (a float in [0, 1], e.g. 0.8) or a step number (an int).
@@ -42,7 +44,8 @@ class QATPassConfig:
     end: from this point the quantized weights are frozen at their value then (later
         optimizer steps do not change them): a fraction (float in [0, 1]) or a step (int).
         The default 1.0 (the end of the run) never freezes.
-    blocksize / double_quant: nf4/fp4 only, as in the nf4/fp4 passes.
+    blocksize / double_quant: nf4/fp4 as in the nf4/fp4 passes; blocksize is also the dualbin
+        group (weights per α1/α2 pair along K; default 64).
     """
 
     bits: int = 4
@@ -59,7 +62,8 @@ class QATPassConfig:
             raise ValueError(f"'quantizer' must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
         if not 1 <= self.bits <= 8:
             raise ValueError(f"'bits' must be 1..8, got {self.bits}")
-        allowed = {"lsq": range(2, 9), "sign": (1,), "seq": (2,), "ternary": (2,), "nf4": (4,), "fp4": (4,)}
+        allowed = {"lsq": range(2, 9), "sign": (1,), "seq": (2,), "ternary": (2,), "nf4": (4,), "fp4": (4,),
+                   "dualbin": (2,)}
         if self.quantizer != "auto" and self.bits not in allowed[self.quantizer]:
             ok = allowed[self.quantizer]
             raise ValueError(f"quantizer {self.quantizer!r} takes bits {ok[0]}..{ok[-1]}, got {self.bits}"

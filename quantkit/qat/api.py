@@ -12,13 +12,14 @@ from quantkit.errors import UsageError
 from quantkit.passes.qat import QATPassConfig, resolve_point
 from quantkit.passes.targets import replace_module, select_linears
 from quantkit.qat.modules import QATLinear
-from quantkit.qat.quantizers import IntFakeQuant, Lut4FakeQuant, make_quantizer, pack
+from quantkit.qat.quantizers import DualBinFakeQuant, IntFakeQuant, Lut4FakeQuant, make_quantizer, pack
 from quantkit.qat.schedule import QATPlan
 from quantkit.recipe import Recipe, load_recipe
 
 
 def qat_linear_for(linear: nn.Linear, cfg: QATPassConfig, start: int, end: Optional[int]) -> QATLinear:
-    quantizer = make_quantizer(linear.out_features, cfg.grid, cfg.bits, cfg.blocksize, cfg.double_quant)
+    quantizer = make_quantizer(linear.out_features, cfg.grid, cfg.bits, cfg.blocksize, cfg.double_quant,
+                               in_features=linear.in_features)
     quantizer.to(device=linear.weight.device)
     return QATLinear(linear, quantizer, start, end)
 
@@ -86,7 +87,8 @@ def step(model: nn.Module, step: int) -> bool:
 
 @torch.no_grad()
 def convert_module(m: QATLinear) -> nn.Module:
-    """The packed module for one QATLinear: IntKLinear (int grids) or Lut4Linear (nf4/fp4)."""
+    """The packed module for one QATLinear: IntKLinear (int grids), Lut4Linear (nf4/fp4) or
+    DualBinLinear (dual binary)."""
     from quantkit.nn.intk_linear import IntKLinear
     from quantkit.nn.lut4_linear import Lut4Linear
     from quantkit.qat.modules import FROZEN
@@ -103,6 +105,11 @@ def convert_module(m: QATLinear) -> nn.Module:
         if bias is not None:
             lin.bias = nn.Parameter(bias.detach().cpu(), requires_grad=False)
         return Lut4Linear.from_linear(lin, q.grid, q.blocksize, q.double_quant)
+    if isinstance(q, DualBinFakeQuant):
+        from quantkit.nn.dualbin_linear import DualBinLinear
+
+        packed = q.pack(w, m.frozen_alpha if frozen else None)
+        return DualBinLinear.from_packed(packed, None if bias is None else bias.detach().cpu())
     assert isinstance(q, IntFakeQuant)
     packed = pack(q, w, m.frozen_alpha if frozen else None)
     return IntKLinear.from_packed(packed, None if bias is None else bias.detach().cpu())

@@ -22,6 +22,9 @@ Gradients (straight-through estimator with a clipping mask, LSQ for the scale):
           (Qp = 2^(b-1)-1 for lsq, 1 otherwise; sign: dŴ/dα = sign(W)). The gradient scale g
           is LSQ's, which keeps α's updates on the weights' scale whatever the layer size.
 
+``DualBinFakeQuant`` trains DB-LLM's dual-binary grid (two {0,1} planes, α1/α2 per group of 64
+along K; see its docstring) and converts to ``DualBinLinear``.
+
 ``Lut4FakeQuant`` fake-quantizes on the nf4/fp4 PTQ grid (blockwise absmax, optional double
 quantization) by calling the PTQ quantizer itself, so Ŵ is exactly what ``Lut4Linear``
 dequantizes after ``convert``; its scales are absmax values, not learned, and the gradient
@@ -238,13 +241,101 @@ class Lut4FakeQuant(nn.Module):
         return f"grid={self.grid}, blocksize={self.blocksize}, double_quant={self.double_quant}"
 
 
+class _DualBinSTE(torch.autograd.Function):
+    """Ŵ = a1·b1 + a2·b2 per group with (b1, b2) the nearest of the levels (0, a2, a1, a1+a2);
+    backward: identity to W (STE), Σ_group dL/dŴ·b to each scale. Saves only the bit planes."""
+
+    @staticmethod
+    def forward(ctx, wg, a1, a2):  # wg [N, G, group] fp32; a1, a2 [N, G] fp32
+        from quantkit.passes.fdb_train import nearest_bits
+
+        b1, b2 = nearest_bits(wg, a1.unsqueeze(-1), a2.unsqueeze(-1))
+        ctx.save_for_backward(b1.bool(), b2.bool())
+        return a1.unsqueeze(-1) * b1 + a2.unsqueeze(-1) * b2
+
+    @staticmethod
+    def backward(ctx, grad):
+        b1, b2 = ctx.saved_tensors
+        g1 = (grad * b1).sum(-1) if ctx.needs_input_grad[1] else None
+        g2 = (grad * b2).sum(-1) if ctx.needs_input_grad[2] else None
+        return (grad if ctx.needs_input_grad[0] else None), g1, g2
+
+
+class DualBinFakeQuant(nn.Module):
+    """DB-LLM's dual-binary grid (2 bits): per group of ``group`` weights along K (per row),
+    Ŵ = α1·b1 + α2·b2 with b1, b2 ∈ {0, 1} the nearest of the four levels to W.
+
+    alpha: one learnable tensor [2, N, G] (α1 = alpha[0], α2 = alpha[1]; one tensor so the
+    frozen-phase snapshot of QATLinear covers both), initialised as the DB-LLM pass does
+    (α1 = 2s, α2 = −s, s the MSE-searched 2-bit step of formats/dualbin.init_step). The scales
+    are rounded to fp16 in the forward (straight-through) because the packed format stores
+    them in fp16; the bits are chosen for those rounded scales, and ``convert`` packs exactly
+    these bits and scales, so the fake-quant weight equals ``DualBinLinear``'s (tested).
+    """
+
+    def __init__(self, out_features: int, in_features: int, group: int = 64):
+        super().__init__()
+        from quantkit.formats import dualbin
+
+        dualbin.DualBinState((out_features, in_features), group)  # validates the group
+        self.grid, self.bits, self.group = "dualbin", 2, group
+        self.alpha = nn.Parameter(torch.ones(2, out_features, -(-in_features // group)))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_scale(self, w: torch.Tensor) -> None:
+        from quantkit.formats import dualbin
+
+        s = dualbin.init_step(w.detach().to(torch.float32), self.group, "mse").to(self.alpha.device)
+        self.alpha.copy_(torch.stack([2 * s, -s]).to(self.alpha.dtype))
+        self.initialized.fill_(True)
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        n, k = w.shape
+        g = self.alpha.shape[2]
+        return torch.nn.functional.pad(w.to(torch.float32), (0, g * self.group - k)).view(n, g, self.group)
+
+    @staticmethod
+    def _fp16_scales(alpha: torch.Tensor) -> torch.Tensor:
+        a = alpha.to(torch.float32)
+        return a + (a.half().float() - a).detach()  # value: fp16-rounded; gradient: identity
+
+    def forward(self, w: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        a = self._fp16_scales(self.alpha if alpha is None else alpha)
+        n, k = w.shape
+        w_hat = _DualBinSTE.apply(self._grouped(w), a[0], a[1])
+        return w_hat.reshape(n, -1)[:, :k].to(w.dtype)
+
+    @torch.no_grad()
+    def pack(self, w: torch.Tensor, alpha: Optional[torch.Tensor] = None):
+        """The ``dualbin.DualBinWeight`` of exactly the bits and fp16 scales ``forward`` uses."""
+        from quantkit.formats import dualbin
+        from quantkit.passes.fdb_train import nearest_bits
+
+        a = (self.alpha if alpha is None else alpha).detach().to(torch.float32).half().float().cpu()
+        wg = self._grouped(w.detach().cpu())
+        b1, b2 = nearest_bits(wg, a[0].unsqueeze(-1), a[1].unsqueeze(-1))
+        n, k = w.shape
+        dtype = str(w.dtype).removeprefix("torch.")
+        return dualbin.pack(b1.reshape(n, -1), b2.reshape(n, -1), a[0], a[1], (n, k), self.group, dtype)
+
+    def extra_repr(self) -> str:
+        return f"grid=dualbin, group={self.group}"
+
+
 def default_grid(bits: int) -> str:
     """ParetoQ's grid per bit width: 1 -> sign, 2 -> seq, 3..8 -> lsq."""
     return {1: "sign", 2: "seq"}.get(bits, "lsq")
 
 
 def make_quantizer(out_features: int, grid: str, bits: int, blocksize: int = 64,
-                   double_quant: bool = True) -> nn.Module:
+                   double_quant: bool = True, in_features: Optional[int] = None) -> nn.Module:
+    """The fake quantizer for ``grid``; ``blocksize`` is the group size of the dualbin grid
+    (which also needs ``in_features``) and the absmax block of nf4/fp4."""
+    if grid == "dualbin":
+        if in_features is None:
+            raise UsageError("the dualbin quantizer needs in_features")
+        return DualBinFakeQuant(out_features, in_features, blocksize)
     if grid in LUT_GRIDS:
         return Lut4FakeQuant(grid, blocksize, double_quant)
     return IntFakeQuant(out_features, grid, bits)

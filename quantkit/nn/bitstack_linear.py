@@ -27,6 +27,7 @@ from torch import nn
 import quantkit._ops  # noqa: F401  (registers torch.ops.quantkit)
 from quantkit.errors import FormatError
 from quantkit.formats import bitstack
+from quantkit.nn._packed_state import apply_keeping_dtypes, load_tensors
 
 _KEYS = {"signs": "weight", "u": "weight.u", "v": "weight.v"}
 
@@ -92,13 +93,8 @@ class BitStackLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Device moves apply to every tensor; dtype casts only to the bias (the blocks are the
         format: uint8 signs, fp16 factors)."""
-        fixed = {n: getattr(self, n) for n in ("signs", "u", "v")}
-        super()._apply(fn, recurse)
-        for name, before in fixed.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return self
+        return apply_keeping_dtypes(self, ("signs", "u", "v"),
+                                    lambda: super(BitStackLinear, self)._apply(fn, recurse))
 
     def bits_per_weight(self) -> float:
         return 8 * self.n_loaded * self.block_bytes() / (self.in_features * self.out_features)
@@ -137,31 +133,13 @@ class BitStackLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        for attr, key in {**_KEYS, "bias": "bias"}.items():
-            current = getattr(self, attr)
-            if current is None:
-                continue
-            if prefix + key not in state_dict:
-                missing_keys.append(prefix + key)
-                continue
-            value = state_dict[prefix + key]
+        def prefix_of_stack(attr, value, current):
             if attr != "bias" and value.dim() == current.dim() and value.shape[0] > current.shape[0]:
                 value = value[:current.shape[0]]  # a full stack loaded into a module holding fewer blocks
-            if value.shape != current.shape or value.dtype != current.dtype:
-                error_msgs.append(f"{prefix + key}: expected {current.dtype} {list(current.shape)}, "
-                                  f"got {value.dtype} {list(value.shape)}")
-                continue
-            if attr == "bias":
-                if assign:
-                    self.bias = nn.Parameter(value, requires_grad=False)
-                else:
-                    with torch.no_grad():
-                        self.bias.copy_(value)
-            elif assign:
-                setattr(self, attr, value.contiguous())
-            else:
-                current.copy_(value)
+            return value if attr == "bias" else value.contiguous()
+
+        load_tensors(self, {**_KEYS, "bias": "bias"}, state_dict, prefix, local_metadata, missing_keys, error_msgs,
+                     adapt=prefix_of_stack)
         own = {prefix + k for k in _KEYS.values()} | {prefix + "bias"}
         for key in state_dict:
             if key.startswith(prefix) and key not in own and "." not in key[len(prefix):]:

@@ -22,6 +22,7 @@ from torch import nn
 import quantkit._ops  # noqa: F401  (registers torch.ops.quantkit)
 from quantkit.errors import FormatError
 from quantkit.formats import dualbin
+from quantkit.nn._packed_state import apply_keeping_dtypes, load_tensors
 
 _BUFFERS = ("weight_plane1", "weight_plane2", "weight_alpha1", "weight_alpha2")
 
@@ -102,13 +103,8 @@ class DualBinLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """Device moves apply to every tensor; dtype casts (``.half()``, ``.to(bf16)``) only to
         the bias: the planes and fp16 scales are the format itself."""
-        fixed = {n: getattr(self, n) for n in _BUFFERS}
-        super()._apply(fn, recurse)
-        for name, before in fixed.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return self
+        return apply_keeping_dtypes(self, _BUFFERS,
+                                    lambda: super(DualBinLinear, self)._apply(fn, recurse))
 
     def bits_per_weight(self) -> float:
         return self.state.bits_per_weight()
@@ -123,30 +119,10 @@ class DualBinLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         keys = {a: a.replace("_", ".", 1) for a in _BUFFERS}
         if self.bias is not None:
             keys["bias"] = "bias"
-        for attr, suffix in keys.items():
-            key, current = prefix + suffix, getattr(self, attr)
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if value.shape != current.shape or value.dtype != current.dtype:
-                error_msgs.append(f"{key}: expected {current.dtype} {list(current.shape)}, "
-                                  f"got {value.dtype} {list(value.shape)}")
-                continue
-            if attr == "bias":
-                if assign:
-                    self.bias = nn.Parameter(value, requires_grad=False)
-                else:
-                    with torch.no_grad():
-                        self.bias.copy_(value)
-            elif assign:
-                setattr(self, attr, value)
-            else:
-                current.copy_(value)
+        load_tensors(self, keys, state_dict, prefix, local_metadata, missing_keys, error_msgs)
         own = {prefix + s for s in keys.values()}
         for key in state_dict:
             rest = key[len(prefix):]

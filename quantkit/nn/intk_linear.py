@@ -19,6 +19,7 @@ from torch import nn
 import quantkit._ops  # noqa: F401  (registers torch.ops.quantkit)
 from quantkit.errors import FormatError
 from quantkit.formats import intk
+from quantkit.nn._packed_state import apply_keeping_dtypes
 
 
 class IntKLinear(nn.Module):
@@ -88,13 +89,8 @@ class IntKLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Dtype casts apply to the bias only; packed codes (uint8) and scales (fp32) are the format."""
-        fixed = {"weight": self.weight, "weight_scale": self.weight_scale}
-        super()._apply(fn, recurse)
-        for name, before in fixed.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return self
+        return apply_keeping_dtypes(self, ("weight", "weight_scale"),
+                                    lambda: super(IntKLinear, self)._apply(fn, recurse))
 
     def bits_per_weight(self) -> float:
         return self.state.bits_per_weight()

@@ -25,6 +25,7 @@ from torch import nn
 import quantkit._ops  # noqa: F401  (registers torch.ops.quantkit)
 from quantkit.errors import FormatError
 from quantkit.formats import lut4
+from quantkit.nn._packed_state import apply_keeping_dtypes, load_tensors
 
 # attribute name -> suffix after "<prefix>weight" in the state dict
 _TENSOR_KEYS = {
@@ -129,13 +130,8 @@ class Lut4Linear(nn.Module):
         """Device moves apply to every tensor; dtype casts (``model.to(torch.bfloat16)``,
         ``.half()``) only to the bias. The packed codes, scales and tables are the format
         itself and stay uint8/fp32, as in bitsandbytes."""
-        fixed = {n: getattr(self, n) for n in ("weight", *_TENSOR_KEYS) if getattr(self, n) is not None}
-        super()._apply(fn, recurse)
-        for name, before in fixed.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return self
+        return apply_keeping_dtypes(self, [n for n in ("weight", *_TENSOR_KEYS) if getattr(self, n) is not None],
+                                    lambda: super(Lut4Linear, self)._apply(fn, recurse))
 
     def bits_per_weight(self) -> float:
         return self.state.bits_per_weight()
@@ -172,31 +168,8 @@ class Lut4Linear(nn.Module):
             self.state = stored  # carries nested_offset and the original dtype
         else:
             missing_keys.append(qkey)
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         targets = {"weight": "weight", **{a: "weight" + s for a, s in _TENSOR_KEYS.items()}, "bias": "bias"}
-        for attr, suffix in targets.items():
-            current = getattr(self, attr)
-            if current is None:
-                continue
-            key = prefix + suffix
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if value.shape != current.shape or value.dtype != current.dtype:
-                error_msgs.append(f"{key}: expected {current.dtype} {list(current.shape)}, "
-                                  f"got {value.dtype} {list(value.shape)}")
-                continue
-            if attr == "bias":
-                if assign:
-                    self.bias = nn.Parameter(value, requires_grad=False)
-                else:
-                    with torch.no_grad():
-                        self.bias.copy_(value)
-            elif assign:
-                setattr(self, attr, value)
-            else:
-                current.copy_(value)
+        load_tensors(self, targets, state_dict, prefix, local_metadata, missing_keys, error_msgs)
         own = {prefix + "weight" + s for s in ("",) + tuple(_TENSOR_KEYS.values())} | {qkey, prefix + "bias"}
         for key in state_dict:
             if key.startswith(prefix) and key not in own and "." not in key[len(prefix):]:

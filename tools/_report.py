@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
-from typing import Optional
+import statistics
+import time
+from typing import Callable, Optional
 
 
 def cpu_model() -> str:
@@ -24,3 +26,17 @@ def emit(table: str, markdown: Optional[str]) -> None:
     if markdown:
         with open(markdown, "a") as f:
             f.write(table + "\n")
+
+
+def bench(fn: Callable[[], object], min_reps: int = 20, budget_s: float = 1.0, max_reps: int = 2000) -> float:
+    """Median seconds per call of ``fn``: 3 warm-up calls, then single timed calls until at
+    least ``min_reps`` were taken and ``budget_s`` seconds have passed (at most ``max_reps``)."""
+    for _ in range(3):
+        fn()
+    times = []
+    t_end = time.perf_counter() + budget_s
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -18,28 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from _report import cpu_model, emit
+from _report import bench, cpu_model, emit
 
 SHAPES = ["576x576", "1536x576", "576x1536", "192x576", "4096x4096"]
 
 
-def bench(fn, min_reps: int = 20, budget_s: float = 1.0) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 2000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

@@ -15,30 +15,16 @@ weight bytes (packed + scales for ours, 2*N*K for dense bf16) and our share of d
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _report import cpu_model
+from _report import bench, cpu_model
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "576x576", "1536x576", "576x1536", "192x576"]
 QUICK_SHAPES = ["4096x4096", "576x1536"]
-
-
-def bench(fn, min_reps: int, budget_s: float) -> float:
-    """Median seconds per call: warm up, then time single calls until reps and budget are met."""
-    for _ in range(3):
-        fn()
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 2000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def fmt_ms(t):

@@ -16,28 +16,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from _report import cpu_model, emit
+from _report import bench, cpu_model, emit
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "576x576", "1536x576", "576x1536"]
 
 
-def bench(fn, min_reps: int = 20, budget_s: float = 0.5) -> float:
-    """Median seconds per call: warm up, then time single calls until reps and budget are met."""
-    for _ in range(3):
-        fn()
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 1000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -69,7 +56,7 @@ def main(argv=None) -> int:
         wbytes = sum(t.numel() * t.element_size() for t in (q.plane1, q.plane2, q.alpha1, q.alpha2))
         for m in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(m, k)
-            t_db = bench(lambda: torch.ops.quantkit.dualbin_linear(x, *dargs), budget_s=args.budget)
+            t_db = bench(lambda: torch.ops.quantkit.dualbin_linear(x, *dargs), budget_s=args.budget, max_reps=1000)
             t_nf = bench(lambda: torch.ops.quantkit.lut4_linear(x, *largs), budget_s=args.budget)
             t_fp = bench(lambda: F.linear(x, w), budget_s=args.budget)
             rows.append(f"| {n}x{k} | {m} | {t_db * 1e3:.3f} | {t_nf * 1e3:.3f} | {t_fp * 1e3:.3f} | "

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +24,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import quantkit._ops as ops  # noqa: E402
-from _report import cpu_model, emit  # noqa: E402
+from _report import bench, cpu_model, emit  # noqa: E402
 from quantkit.formats import intk  # noqa: E402
 
 
-def bench(fn, min_reps: int = 10, budget_s: float = 1.0) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    t_end = time.perf_counter() + budget_s
-    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < 2000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:

@@ -48,6 +48,8 @@ from quantkit.passes import PASSES
 from quantkit.passes.targets import select_linears
 from quantkit.progress import BlockProgress
 from quantkit.recipe import Recipe
+from quantkit import stream_calibration
+from quantkit.stream_calibration import CalibratedStream
 
 JOURNAL_VERSION = 1
 JOURNAL = "journal.json"
@@ -85,7 +87,7 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(plan: StreamPlan, recipe: Recipe) -> dict:
+def fingerprint(plan: StreamPlan, recipe: Recipe, extra: Optional[dict] = None) -> dict:
     """What a resumed run must share with the run that wrote the partial folder."""
     from quantkit import __version__
 
@@ -100,7 +102,7 @@ def fingerprint(plan: StreamPlan, recipe: Recipe) -> dict:
             header = fh.read(n)  # validated before: n is capped and within the file
         src.update(f"{f.name}\0{f.stat().st_size}\0".encode() + header)
     options = {"quantkit": __version__, "artifact_version": artifact.ARTIFACT_VERSION,
-               "dtype": str(plan.dtype), "units": [u.name for u in plan.units]}
+               "dtype": str(plan.dtype), "units": [u.name for u in plan.units], **(extra or {})}
     return {"source": src.hexdigest(), "recipe": hashlib.sha256(recipe.to_json().encode()).hexdigest(),
             "options": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()}
 
@@ -137,7 +139,7 @@ def _start(pdir: Path, fp: dict, plan: StreamPlan, resume: bool, status: Callabl
         differs = [k for k in ("source", "recipe", "options") if journal.get("fingerprint", {}).get(k) != fp[k]]
         if differs:
             what = {"source": "a different source model", "recipe": "a different recipe",
-                    "options": "a different quantkit version or model layout"}
+                    "options": "a different quantkit version, model layout or calibration text"}
             raise UsageError(f"{pdir} was started from {' and '.join(what[k] for k in differs)}; --resume needs the "
                              f"same MODEL and RECIPE (run without --resume to start over)")
         journal["done"] = _verified_done(pdir, journal, status)
@@ -184,13 +186,18 @@ def _unit_state(plan: StreamPlan, unit, loaded: dict, tie_kept: dict) -> tuple[d
 
 
 def _process_unit(plan: StreamPlan, recipe: Recipe, index: int, pdir: Path, tie_kept: dict,
-                  allow_nonfinite: bool) -> dict:
+                  allow_nonfinite: bool, calibrated: Optional[CalibratedStream]) -> dict:
     """Materialize, compress, write one unit; returns its journal entry."""
     from quantkit.nn import PACKED_MODULES
 
     unit = plan.units[index]
     loaded = materialize(plan, unit, allow_nonfinite)
-    for entry in recipe.passes:
+    record = None
+    for i, entry in enumerate(recipe.passes):
+        if calibrated is not None and i == calibrated.pass_index:
+            if unit.is_block:  # (it targets nothing outside the blocks: stream_calibration.refusal)
+                record = calibrated.block(plan, unit)
+            continue
         PASSES[entry.name].apply(plan.model, entry.config, progress=False, scope=unit.name)
     new_kept = dict(tie_kept)
     state, tied = _unit_state(plan, unit, loaded, new_kept)
@@ -207,9 +214,13 @@ def _process_unit(plan: StreamPlan, recipe: Recipe, index: int, pdir: Path, tie_
     keys = list(state)  # state-dict order: the order shards are planned in
     del state
     release(plan, unit)
-    return {"unit": unit.name, "file": name, "bytes": (pdir / name).stat().st_size, "sha256": digest,
+    done = {"unit": unit.name, "file": name, "bytes": (pdir / name).stat().st_size, "sha256": digest,
             "keys": keys, "modules": modules, "tied": tied,
             "tie_kept": {g: k for g, k in new_kept.items() if g not in tie_kept}}
+    if record is not None:
+        done["calib"] = record
+        done["carry"] = calibrated.save_carry(pdir, index)  # on disk before the journal names the block
+    return done
 
 
 def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_shard_bytes: int) -> Path:
@@ -253,12 +264,17 @@ def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_s
 def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], *, overwrite: bool = False,
                        resume: bool = False, allow_empty: bool = False, allow_nonfinite: bool = False,
                        progress: bool = True, max_shard_bytes: int = shards.DEFAULT_SHARD_BYTES,
-                       status: Optional[Callable[[str], None]] = None) -> Path:
+                       status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None) -> Path:
     """Compress ``plan``'s model with ``recipe`` unit by unit into the artifact folder ``out``.
 
+    A calibrated pass with a block-by-block driver (BitStack, order "proxy") runs on
+    activations carried from block to block (quantkit/stream_calibration.py), calibrated on
+    ``calib_text`` (default: the shipped excerpt).
+
     Raises UsageError if OUT exists (unless ``overwrite``), a pass matches nothing (unless
-    ``allow_empty``), the recipe has a calibrated pass, or ``resume`` finds a partial folder
-    started from another source or recipe; QuantkitError for NaN/Inf weights (unless
+    ``allow_empty``), a calibrated pass cannot run block by block
+    (``stream_calibration.refusal``), or ``resume`` finds a partial folder
+    started from another source, recipe or calibration text; QuantkitError for NaN/Inf weights (unless
     ``allow_nonfinite``). After an interruption (or an OSError such as a full disk) the
     partial folder stays for ``resume``; after a QuantkitError (bad input) it is removed.
     OUT is never touched until the artifact is complete.
@@ -267,14 +283,20 @@ def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
-    calibrated = [e.name for e in recipe.passes if PASSES[e.name].calibrated]
-    if calibrated:
-        raise UsageError(f"pass {calibrated[0]} needs calibration, which streaming compress does not run yet")
+    reason = stream_calibration.refusal(plan, recipe)
+    if reason:
+        raise UsageError(f"cannot compress block by block: {reason}")
+    calibrated = CalibratedStream(plan, recipe, calib_text) if any(
+        PASSES[e.name].calibrated for e in recipe.passes) else None
     check_recipe_matches(plan.model, recipe, allow_empty)
     pdir = partial_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    journal = _start(pdir, fingerprint(plan, recipe), plan, resume, status)
+    journal = _start(pdir, fingerprint(plan, recipe, calibrated.fingerprint() if calibrated else None), plan,
+                     resume, status)
     done = journal["done"]
+    if calibrated is not None:
+        status(f"embedding the calibration windows of pass {calibrated.name}")
+        del done[len(calibrated.start(plan, pdir, done, allow_nonfinite, status)):]
     tie_kept: dict = {}
     for entry in done:
         tie_kept.update(entry["tie_kept"])
@@ -285,10 +307,12 @@ def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], 
     try:
         for index in range(len(done), len(plan.units)):
             unit = plan.units[index]
-            entry = _process_unit(plan, recipe, index, pdir, tie_kept, allow_nonfinite)
+            entry = _process_unit(plan, recipe, index, pdir, tie_kept, allow_nonfinite, calibrated)
             tie_kept.update(entry["tie_kept"])
             done.append(entry)
             shards.write_json(pdir / JOURNAL, journal)
+            if "carry" in entry:
+                calibrated.drop_older_carries(pdir, entry["carry"])
             bar.update(unit.name)
             if delay:
                 time.sleep(delay)
@@ -302,6 +326,9 @@ def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], 
             shutil.rmtree(pdir, ignore_errors=True)
         raise
     bar.close()
+    if calibrated is not None:
+        status(f"finalizing pass {calibrated.name}")
+        journal = dict(journal, done=calibrated.finalize(done))
     status(f"assembling {out}")
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} appeared while compressing; pass --overwrite to replace it")
@@ -335,9 +362,8 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     source = resolve_model_source(str(model))
     plan = plan_streaming(source) if source.kind == "hf-folder" else None
-    calibrated = [e.name for e in recipe.passes if PASSES[e.name].calibrated]
-    if plan is not None and not isinstance(plan, str) and calibrated:
-        plan = f"pass {calibrated[0]} needs calibration activations, which block-by-block compress does not run"
+    if plan is not None and not isinstance(plan, str):
+        plan = stream_calibration.refusal(plan, recipe) or plan
     if isinstance(plan, str):
         status(f"loading {model} whole: {plan}")
         plan = None
@@ -346,7 +372,7 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
         status(f"compressing {model} block by block with recipe {recipe.name!r} ({passes})")
         return compress_streaming(plan, recipe, out, overwrite=overwrite, resume=resume, allow_empty=allow_empty,
                                   allow_nonfinite=allow_nonfinite, progress=progress,
-                                  max_shard_bytes=max_shard_bytes, status=status)
+                                  max_shard_bytes=max_shard_bytes, status=status, calib_text=calib_text)
     if resume:
         raise UsageError(f"--resume needs a model folder that is compressed block by block; {model} is loaded "
                          f"whole")

@@ -12,25 +12,26 @@ then add one line here.
 Calibrated passes (DB-LLM, BitStack) set ``calibrated=True``; ``quantkit.compress`` then
 calls ``apply(model, config, progress, scope="", calib=CalibSource)`` (quantkit/calibration.py:
 token windows from ``--calib-text`` or the shipped excerpt) on the whole, full-precision
-model, and ``quantkit compress`` loads a model whole for them. Their intended
-life cycle under streaming compress (quantkit/streaming.py), one block at a time:
-  1. initialize: before the first block, the calibration token ids are embedded (the
-     embedding unit is materialized first anyway) into the block inputs ``x``;
-  2. per block: materialize the block, run ``x`` through it with the pass's observer
-     hooks (calibrate), call ``apply(model, cfg, progress, scope=block, calib=...)`` to
-     compress it, then run ``x`` through the *compressed* block to get the next block's
-     inputs (so errors propagate as at inference), write the block, free it;
-  3. finalize: after the last block (e.g. a global bit allocation for BitStack).
-The carried ``x`` must be saved next to the journal with each finished block for
-``--resume`` to continue exactly. Streaming compress refuses calibrated passes until
-this is implemented.
+model. A calibrated pass that can also run one decoder block at a time gives a ``stream``
+class (see ``BitStackStream``); streaming compress (quantkit/streaming.py) then drives it:
+  1. ``stream.refusal(config)``: None, or why this config needs the whole model;
+  2. ``handler = stream(config)``; ``handler.windows(calib)``: the token windows; they are
+     embedded once (models/block_inputs.py) into the first block's inputs;
+  3. per block, in recipe order with the other passes: ``handler.block(model, block_name,
+     inputs) -> (next inputs, record)`` calibrates on the block's inputs, compresses the
+     block in place and returns the next block's inputs and a JSON-able record (kept in
+     the resume journal; the carried inputs are saved next to it);
+  4. ``handler.finalize(records) -> {module name: spec fields}`` after the last block (e.g.
+     BitStack's model-wide block order), applied to the artifact's module metadata.
+A calibrated pass without ``stream`` (DB-LLM: end-to-end distillation from the teacher's
+logits) makes ``quantkit compress`` load the model whole, saying why (``whole_model``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 from quantkit.passes import bitstack, dbllm, ptq_lut4, qat
 
@@ -42,6 +43,8 @@ class PassSpec:
     apply: Callable
     summary: str
     calibrated: bool = False  # needs activations (see the life cycle above)
+    stream: Optional[type] = None  # block-by-block driver of a calibrated pass (see above)
+    whole_model: str = ""  # why a calibrated pass without ``stream`` needs the whole model
 
 
 PASSES: dict[str, PassSpec] = {
@@ -52,7 +55,9 @@ PASSES: dict[str, PassSpec] = {
     "qat": PassSpec("qat", qat.QATPassConfig, qat.apply,
                     "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
     "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,
-                         "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True),
+                         "BitStack residual blocks: one artifact, loaded to any memory budget", calibrated=True,
+                         stream=bitstack.BitStackStream),
     "dbllm": PassSpec("dbllm", dbllm.DbllmPassConfig, dbllm.apply,
-                      "DB-LLM 2-bit dual binarization + distillation", calibrated=True),
+                      "DB-LLM 2-bit dual binarization + distillation", calibrated=True,
+                      whole_model="it distils the whole model end to end from the teacher's logits"),
 }

@@ -100,29 +100,61 @@ class BitStackPassConfig:
 # ---- calibration ------------------------------------------------------------------------------
 
 class _Stats:
-    """Per watched module input: Σ over samples of per-channel L2 norms over tokens, and XᵀX."""
+    """Per watched module input: Σ over samples of per-channel L2 norms over tokens, and what
+    the proxy order needs to weigh output errors: the input rows X themselves while there are
+    fewer rows than channels, then the Gram XᵀX (whichever is smaller; a 4096-wide layer
+    calibrated on 512 tokens keeps 512 rows instead of a 4096² Gram and a 4096³ product)."""
 
     def __init__(self, gram: bool):
         self.gram = gram
         self.norm_sum: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.samples = 0
 
     def hook(self, name: str):
-        def fn(module, args):
-            x = args[0].detach().float()  # [batch, tokens, d]
+        def fn(module, args, kwargs=None):
+            x = (args[0] if args else kwargs["hidden_states"]).detach().float()  # [batch, tokens, d]
             norms = x.norm(dim=1).sum(0)  # Σ_samples ||X[s, :, j]||_2
             self.norm_sum[name] = self.norm_sum.get(name, 0) + norms
             if self.gram:
-                flat = x.reshape(-1, x.shape[-1])
-                self.xtx[name] = self.xtx.get(name, 0) + flat.T @ flat
+                self._add_rows(name, x.reshape(-1, x.shape[-1]))
         return fn
 
+    def _add_rows(self, name: str, flat: torch.Tensor) -> None:
+        if name in self.xtx:
+            self.xtx[name] = self.xtx[name] + flat.T @ flat
+            return
+        rows = self.rows.setdefault(name, [])
+        rows.append(flat)
+        if sum(r.shape[0] for r in rows) >= flat.shape[1]:  # the Gram is now the smaller summary
+            g = 0
+            for r in rows:
+                g = g + r.T @ r
+            self.xtx[name] = g
+            del self.rows[name]
 
-def _llama_layers(model: nn.Module):
-    """The decoder layers of a Llama-style model, or raise."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    ok = layers is not None and all(
+    def energy(self, name: str, inv_scale) -> "callable":
+        """E ↦ tr(E H Eᵀ) for H the (scaled) input Gram per sample of watched input ``name``;
+        ``inv_scale`` [d] (or None) is 1/s when the layer now reads x / s."""
+        if name in self.xtx:
+            h = self.xtx[name] / self.samples
+            if inv_scale is not None:
+                h = h * inv_scale[:, None] * inv_scale[None, :]
+            return lambda e: float(((e @ h) * e).sum())
+        x = torch.cat(self.rows[name])
+        if inv_scale is not None:
+            x = x * inv_scale[None, :]
+        return lambda e: float((e @ x.T).square().sum()) / self.samples
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.xtx.clear()
+
+
+def _llama_layers_check(layers, model_name: str) -> None:
+    """Raise unless every layer is a Llama-style decoder layer (what scale folding needs)."""
+    ok = all(
         hasattr(l, "self_attn") and hasattr(l, "mlp") and hasattr(l, "input_layernorm")
         and hasattr(l, "post_attention_layernorm")
         and all(isinstance(getattr(l.self_attn, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -131,7 +163,13 @@ def _llama_layers(model: nn.Module):
     if not ok:
         raise UsageError("bitstack scale: true needs Llama-style decoder layers (model.layers[i].self_attn.{q,k,v,o}"
                          "_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm); "
-                         f"{type(model).__name__} does not have them (set scale: false)")
+                         f"{model_name} does not have them (set scale: false)")
+
+
+def _llama_layers(model: nn.Module):
+    """The decoder layers of a Llama-style model, or raise."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    _llama_layers_check(layers if layers is not None else [None], type(model).__name__)
     return layers
 
 
@@ -162,45 +200,45 @@ def _calibrate(model: nn.Module, sources: set[str], ids: torch.Tensor, gram: boo
 
 
 @torch.no_grad()
-def _fold_scales(model: nn.Module, scales: dict[str, torch.Tensor], chosen: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """Scale weights in place (W' = W·diag(s)) and fold 1/s into the producers.
+def _fold_layer(model: nn.Module, prefix: str, layer: nn.Module, scales: dict[str, torch.Tensor],
+                chosen: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Scale one decoder layer's weights in place (W' = W·diag(s)) and fold 1/s into the
+    producers, which all live in the same layer.
 
     Returns {linear name: s} for the linears actually scaled (the input they now see is x / s).
     """
     applied = {}
-    for layer_idx, layer in enumerate(_llama_layers(model)):
-        prefix = _name_of(model, layer)
-        attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp = layer.self_attn, layer.mlp
 
-        def group(members, producer_div):
-            names = [f"{prefix}.{m}" for m in members]
-            if not all(n in chosen for n in names) or names[0] not in scales:
-                return
-            s = scales[names[0]]
-            for n in names:
-                w = model.get_submodule(n).weight
-                w.mul_(s.to(w.dtype)[None, :])
-                applied[n] = s
-            producer_div(s)
+    def group(members, producer_div):
+        names = [f"{prefix}.{m}" for m in members]
+        if not all(n in chosen for n in names) or names[0] not in scales:
+            return
+        s = scales[names[0]]
+        for n in names:
+            w = model.get_submodule(n).weight
+            w.mul_(s.to(w.dtype)[None, :])
+            applied[n] = s
+        producer_div(s)
 
-        def div_norm(norm):
-            return lambda s: norm.weight.div_(s.to(norm.weight.dtype))
+    def div_norm(norm):
+        return lambda s: norm.weight.div_(s.to(norm.weight.dtype))
 
-        def div_rows(linear):
-            def f(s):
-                linear.weight.div_(s.to(linear.weight.dtype)[:, None])
-                if linear.bias is not None:
-                    linear.bias.div_(s.to(linear.bias.dtype))
-            return f
+    def div_rows(linear):
+        def f(s):
+            linear.weight.div_(s.to(linear.weight.dtype)[:, None])
+            if linear.bias is not None:
+                linear.bias.div_(s.to(linear.bias.dtype))
+        return f
 
-        group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], div_norm(layer.input_layernorm))
-        group(["mlp.gate_proj", "mlp.up_proj"], div_norm(layer.post_attention_layernorm))
-        # down's input is act(gate)·up: dividing up's output rows divides that input exactly
-        group(["mlp.down_proj"], div_rows(mlp.up_proj))
-        # o's input is the attention mix of v's outputs; only with as many v rows as o columns
-        # (no GQA head sharing) is dividing v's rows the same as dividing o's input
-        if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
-            group(["self_attn.o_proj"], div_rows(attn.v_proj))
+    group(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], div_norm(layer.input_layernorm))
+    group(["mlp.gate_proj", "mlp.up_proj"], div_norm(layer.post_attention_layernorm))
+    # down's input is act(gate)·up: dividing up's output rows divides that input exactly
+    group(["mlp.down_proj"], div_rows(mlp.up_proj))
+    # o's input is the attention mix of v's outputs; only with as many v rows as o columns
+    # (no GQA head sharing) is dividing v's rows the same as dividing o's input
+    if attn.v_proj.weight.shape == attn.o_proj.weight.shape:
+        group(["self_attn.o_proj"], div_rows(attn.v_proj))
     return applied
 
 
@@ -213,11 +251,9 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 
 # ---- block order ----------------------------------------------------------------------------
 
-def _proxy_gains(mod: BitStackLinear, w_scaled: torch.Tensor, h: torch.Tensor) -> list[float]:
-    """Relative output-error-energy drop of blocks 2..n per byte (index i-1 = block i, i >= 1)."""
-    def energy(e):  # tr(E H Eᵀ)
-        return float(((e @ h) * e).sum())
-
+def _proxy_gains(mod: BitStackLinear, w_scaled: torch.Tensor, energy) -> list[float]:
+    """Relative output-error-energy drop of blocks 2..n per byte (index i-1 = block i, i >= 1);
+    ``energy``: E ↦ tr(E H Eᵀ) (``_Stats.energy``)."""
     total = max(energy(w_scaled), 1e-30)
     blocks = mod.packed()
     w_hat = torch.zeros_like(w_scaled)
@@ -294,47 +330,66 @@ def _ppl_order(model: nn.Module, mods: dict[str, BitStackLinear], val_ids: torch
 
 # ---- the pass ---------------------------------------------------------------------------------
 
+def _windows(cfg: BitStackPassConfig, calib) -> torch.Tensor:
+    """Calibration windows, then (order "ppl") validation windows: int64 [n, seq]."""
+    if calib is None:
+        raise UsageError("the bitstack pass needs calibration data (quantkit.compress passes it)")
+    need_val = cfg.order == "ppl"
+    n = cfg.calib_samples + (cfg.val_samples if need_val else 0)
+    seq = max(cfg.calib_seq_len, cfg.val_seq_len if need_val else 0)
+    return calib.batches(n, seq, seed=cfg.seed)  # disjoint tiles when the text is long enough
+
+
+def _decompose(model: nn.Module, cfg: BitStackPassConfig, chosen: dict[str, nn.Linear], watch: dict[str, str],
+               stats: _Stats, layers: list[tuple[str, nn.Module]], progress: bool) -> dict[str, list[float]]:
+    """Fold the activation scales into ``layers`` (their Llama-style groups), decompose every
+    ``chosen`` linear into a BitStackLinear in place; returns each one's proxy gains.
+
+    The same code serves the whole model (all layers at once) and streaming (one layer)."""
+    scales = {n: stats.norm_sum[watch[n]] / stats.samples + SCALE_EPS for n in chosen}
+    applied = {}
+    if cfg.scale:
+        for prefix, layer in layers:
+            applied.update(_fold_layer(model, prefix, layer, scales, chosen))
+    gains = {}
+    for name, linear in progress_bar(list(chosen.items()), desc="bitstack decompose", disable=not progress):
+        w = linear.weight.data.float()
+        mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed)
+        inv = 1.0 / applied[name] if name in applied else None  # the layer now reads x / s
+        gains[name] = _proxy_gains(mod, w, stats.energy(watch[name], inv))
+        replace_module(model, name, mod)
+    return gains
+
+
+def _set_order(mods: dict[str, BitStackLinear], order: list[tuple[str, int]]) -> None:
+    positions = {n: [] for n in mods}
+    for pos, (name, i) in enumerate(order):
+        positions[name].append(pos)
+    for name, mod in mods.items():
+        mod.order = positions[name]
+
+
 def apply(model: nn.Module, cfg: BitStackPassConfig, progress: bool = True, scope: str = "",
           calib=None) -> list[str]:
     """Decompose matching linears of ``model`` (in place) into BitStackLinear stacks."""
     if scope:
-        raise UsageError("the bitstack pass needs the whole model (global calibration and block order); "
-                         "it cannot run block by block")
+        raise UsageError("the bitstack pass needs the whole model here; block by block it runs through "
+                         "quantkit/streaming.py (BitStackStream)")
     chosen = dict(select_linears(model, cfg.targets, cfg.ignore, scope))
     if not chosen:
         return []
-    need_val = cfg.order == "ppl"
-    need_calib = True  # scales and/or the Grams behind the proxy order
-    if (need_calib or need_val) and calib is None:
-        raise UsageError("the bitstack pass needs calibration data (quantkit.compress passes it)")
-    ids = None
-    if need_calib or need_val:
-        n = cfg.calib_samples + (cfg.val_samples if need_val else 0)
-        seq = max(cfg.calib_seq_len, cfg.val_seq_len if need_val else 0)
-        ids = calib.batches(n, seq, seed=cfg.seed)  # disjoint tiles when the text is long enough
+    ids = _windows(cfg, calib)
     watch = _watch_points(model, chosen)
     was_training = model.training
     model.eval()
-    scales, stats = {}, None
-    if need_calib:
-        stats = _calibrate(model, set(watch.values()), ids[:cfg.calib_samples, :cfg.calib_seq_len],
-                           gram=True, progress=progress)
-        scales = {n: stats.norm_sum[watch[n]] / stats.samples + SCALE_EPS for n in chosen}
-    applied = _fold_scales(model, scales, chosen) if cfg.scale else {}
-    mods, gains = {}, {}
-    for name, linear in progress_bar(list(chosen.items()), desc="bitstack decompose", disable=not progress):
-        w = linear.weight.data.float()
-        mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed)
-        if stats is not None:
-            h = stats.xtx[watch[name]] / stats.samples
-            if name in applied:  # the layer now reads x / s
-                inv = 1.0 / applied[name]
-                h = h * inv[:, None] * inv[None, :]
-            gains[name] = _proxy_gains(mod, w, h)
-        mods[name] = mod
-        replace_module(model, name, mod)
-    if stats is not None:
-        stats.xtx.clear()
+    stats = _calibrate(model, set(watch.values()), ids[:cfg.calib_samples, :cfg.calib_seq_len],
+                       gram=True, progress=progress)
+    layers = []
+    if cfg.scale:
+        layers = [(_name_of(model, layer), layer) for layer in _llama_layers(model)]
+    gains = _decompose(model, cfg, chosen, watch, stats, layers, progress)
+    stats.clear()
+    mods = {n: model.get_submodule(n) for n in chosen}
     if cfg.n_blocks > 1:
         if cfg.order == "ppl":
             levels = cfg.n_blocks - 1 if cfg.ppl_levels == 0 else min(cfg.ppl_levels, cfg.n_blocks - 1)
@@ -343,10 +398,68 @@ def apply(model: nn.Module, cfg: BitStackPassConfig, progress: bool = True, scop
                 order += [(n, i) for n, i in _proxy_order(gains, levels_from=levels + 1)]
         else:
             order = _proxy_order(gains)
-        positions = {n: [] for n in mods}
-        for pos, (name, i) in enumerate(order):
-            positions[name].append(pos)
-        for name, mod in mods.items():
-            mod.order = positions[name]
+        _set_order(mods, order)
     model.train(was_training)
     return list(chosen)
+
+
+# ---- block by block (streaming compress) -------------------------------------------------------
+
+class BitStackStream:
+    """The bitstack pass one decoder block at a time (quantkit/streaming.py drives it).
+
+    Per block: calibrate on the block's inputs (the full-precision activations, as the
+    whole-model pass sees them), fold the scales, decompose, keep the proxy gains; after the
+    last block, the proxy order over all layers. Gives the same artifact as ``apply`` with
+    ``order: proxy``. The perplexity order needs the whole model, so it is not streamed.
+    """
+
+    def __init__(self, cfg: BitStackPassConfig):
+        self.cfg = cfg
+
+    @staticmethod
+    def refusal(cfg: BitStackPassConfig) -> str | None:
+        """Why this config cannot run block by block (None: it can)."""
+        if cfg.order == "ppl" and cfg.n_blocks > 1:
+            return ("bitstack order 'ppl' ranks blocks by whole-model perplexity (order 'proxy' runs block by "
+                    "block)")
+        return None
+
+    def windows(self, calib) -> torch.Tensor:
+        return _windows(self.cfg, calib)[:self.cfg.calib_samples, :self.cfg.calib_seq_len]
+
+    def block(self, model: nn.Module, block_name: str, inputs) -> tuple[torch.Tensor, dict]:
+        """Compress the linears of block ``block_name`` in place; returns (the block's
+        full-precision outputs for the next block, a JSON-able record for ``finalize``)."""
+        cfg = self.cfg
+        chosen = dict(select_linears(model, cfg.targets, cfg.ignore, block_name))
+        block = model.get_submodule(block_name)
+        stats = _Stats(gram=True)
+        watch = _watch_points(model, chosen)
+        handles = [model.get_submodule(n).register_forward_pre_hook(stats.hook(n), with_kwargs=True)
+                   for n in sorted(set(watch.values()))]
+        try:
+            with torch.no_grad():
+                outs = []
+                for i in range(inputs.x.shape[0]):  # one window per call, as the whole-model pass
+                    outs.append(inputs.run_row(block, i))
+                    stats.samples += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if not chosen:
+            return torch.stack(outs), {"gains": {}}
+        if cfg.scale:
+            _llama_layers_check([block], type(model).__name__)
+        gains = _decompose(model, cfg, chosen, watch, stats, [(block_name, block)] if cfg.scale else [], False)
+        return torch.stack(outs), {"gains": gains}
+
+    def finalize(self, records: list[dict]) -> dict[str, dict]:
+        """{module name: spec fields to set} from every block's record: the model-wide order."""
+        gains = {n: g for r in records for n, g in r["gains"].items()}
+        if self.cfg.n_blocks == 1:
+            return {}
+        positions = {n: [] for n in gains}
+        for pos, (name, _) in enumerate(_proxy_order(gains)):
+            positions[name].append(pos)
+        return {n: {"order": p} for n, p in positions.items()}

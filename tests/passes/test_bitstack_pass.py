@@ -76,7 +76,10 @@ def test_fold_scales_keeps_outputs(fp_model, kv_heads):
     assert all((s > 0).all() for s in scales.values())
     before = model(ids).logits
     folded = copy.deepcopy(model)
-    applied = bs_pass._fold_scales(folded, scales, dict(bs_pass.select_linears(folded, ("re:.*",), ("lm_head",))))
+    chosen_f = dict(bs_pass.select_linears(folded, ("re:.*",), ("lm_head",)))
+    applied = {}
+    for i, layer in enumerate(folded.model.layers):
+        applied.update(bs_pass._fold_layer(folded, f"model.layers.{i}", layer, scales, chosen_f))
     o_scaled = "model.layers.0.self_attn.o_proj" in applied
     assert o_scaled == (kv_heads == 4)
     assert len(applied) == (14 if kv_heads == 4 else 12)

@@ -22,7 +22,10 @@ RECIPE is a YAML file (see recipes/) or the name of a shipped recipe (nf4, fp4).
 
 A model folder is compressed one decoder block at a time (memory follows the largest
 block, not the model); if interrupted, rerun the same command with --resume.
-A .gguf file is loaded whole.
+Calibrated passes that can (BitStack with order: proxy) run block by block on
+activations carried between blocks; one that needs the whole model (BitStack's
+ppl order, DB-LLM) makes compress load the model whole, saying so. A .gguf file
+is loaded whole.
 
 examples:
   quantkit compress smollm2-135m --recipe recipes/nf4.yaml -o out/smollm2-nf4

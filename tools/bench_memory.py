@@ -12,7 +12,12 @@ as one markdown table row.
 RSS counts resident pages of memory-mapped shard files too, so the number includes what
 safetensors' mmap touches, not just Python/torch allocations.
 
-    python tools/bench_memory.py [--size-gb 6.5] [--recipe nf4] [--workdir DIR] [--keep]
+The folder also gets a small byte-level BPE tokenizer (trained in a second on the shipped
+calibration excerpt; its ids are < --vocab), so calibrated recipes run on it too: e.g.
+``--recipe tools/recipes/bitstack-stream-bench.yaml`` (BitStack, proxy order) streams block
+by block with the calibration activations carried between blocks.
+
+    python tools/bench_memory.py [--size-gb 6.5] [--recipe nf4|PATH] [--workdir DIR] [--keep]
                                  [--hidden 4096] [--intermediate 11008] [--vocab 32000]
 
 --workdir: where the checkpoint and output go (default: a new temporary folder); a
@@ -97,6 +102,22 @@ def build_checkpoint(folder: Path, layers: int, tensors: list, h: int, inter: in
                           {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map})
 
 
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE of at most ``vocab_size`` ids trained on the shipped calibration text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from quantkit.models.text import default_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 2000), special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([default_text("calib")], trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(folder)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -146,7 +167,7 @@ def main() -> int:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="quantkit-bench-memory-"))
     work.mkdir(parents=True, exist_ok=True)
-    src, out = work / "model", work / f"model-{args.recipe}"
+    src, out = work / "model", work / f"model-{Path(args.recipe).stem}"
     layers, tensors = plan_model(args.size_gb, args.hidden, args.intermediate, args.vocab)
     shape_tag = {"layers": layers, "hidden": args.hidden, "intermediate": args.intermediate, "vocab": args.vocab}
     tag_file = src / "bench_shape.json"
@@ -158,6 +179,8 @@ def main() -> int:
             build_checkpoint(src, layers, tensors, args.hidden, args.intermediate, args.vocab)
             tag_file.write_text(json.dumps(shape_tag))
             print(f"  built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if not (src / "tokenizer.json").is_file():
+            write_tokenizer(src, args.vocab)
         shutil.rmtree(out, ignore_errors=True)
         in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         cmd = [sys.executable, "-m", "quantkit.cli", "compress", str(src), "--recipe", args.recipe, "-o", str(out)]
@@ -174,7 +197,7 @@ def main() -> int:
               f"fp16 ({2 * largest_block / 1e9:.2f} GB as fp32)")
         print("| model (fp16, on disk) | recipe | output | peak RSS (polled) | ru_maxrss | wall |")
         print("|---|---|---|---|---|---|")
-        print(f"| synthetic Llama {layers}x{args.hidden}, {in_bytes / 1e9:.2f} GB | {args.recipe} | "
+        print(f"| synthetic Llama {layers}x{args.hidden}, {in_bytes / 1e9:.2f} GB | {Path(args.recipe).stem} | "
               f"{out_bytes / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {maxrss / 1e9:.2f} GB | {wall:.0f} s |")
         return 0
     finally:

@@ -29,6 +29,12 @@ Steps (facts from the reference implementation, algorithms.md §2):
      each evaluation is a full forward pass. Validation windows are disjoint from the
      calibration windows (one draw of disjoint tiles, split in two).
 Comparison of the two on SmolLM2-135M: docs/benchmarks.md (BitStack section).
+
+Block by block (streaming compress of a model folder, ``BitStackStream``): steps 1-3 run per
+decoder layer on that layer's inputs, carried from the previous layer's full-precision
+outputs (quantkit/stream_calibration.py), and the proxy order is computed after the last
+layer from the gains kept per layer: the same artifact as ``apply`` on the loaded model.
+The ``ppl`` order needs whole-model forwards, so such a recipe is compressed whole.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The partial folder ``.OUT.partial`` (next to OUT) holds::
     journal.json   {"journal_version", "fingerprint": {"source", "recipe", "options"},
                     "units": [unit names], "done": [one entry per finished unit]}
     units/         one safetensors file per finished unit
+    carry/         calibrated passes only: the next block's calibration inputs after the
+                   last finished block (quantkit/stream_calibration.py)
     final/         the artifact being assembled (only at the very end)
 
 Every file there is written to a temporary name, fsynced and renamed, and the journal is

@@ -140,3 +140,24 @@ def test_what_cannot_stream_says_why(tiny_llama_dir, tmp_path):
     assert "lm_head" in head and "outside the decoder blocks" in head
     dbllm = refusal(plan, load_recipe({"version": 1, "name": "d", "passes": [{"pass": "dbllm", "steps": 0}]}))
     assert "dbllm" in dbllm and "whole model" in dbllm
+
+
+def test_mha_biases_bf16_shards_streamed_equals_whole_model(tiny_llama_dir, tmp_path):
+    """Plain multi-head attention (o_proj's scale folds into v_proj's rows), biases, an untied
+    head and a bf16 checkpoint in several shards: the same bytes both ways."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = tmp_path / "mha"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                      max_position_embeddings=128, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src, max_shard_size="60KB")
+    tok.save_pretrained(src)
+    recipe = _write_recipe(tmp_path / "bs.yaml")
+    assert main(["compress", str(src), "--recipe", str(recipe), "-o", str(tmp_path / "s"), "--quiet"]) == 0
+    whole = quantkit.compress(str(src), str(recipe), progress=False)
+    quantkit.save(whole, tmp_path / "m")
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()

@@ -160,9 +160,13 @@ def cmd_compress(args) -> int:
     from quantkit.recipe import load_recipe
     from quantkit.streaming import compress_to_dir
 
+    from quantkit.distributed import data_parallel, init_from_env
+
     out = Path(args.out)
     if out.exists() and not args.overwrite:  # refuse before spending minutes compressing
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    if init_from_env() and data_parallel()[0] > 0:
+        args.quiet = True  # under torchrun rank 0 reports for all
     max_shard = parse_size(args.max_shard_size)
     recipe = load_recipe(args.recipe)
     calib_text = None
@@ -179,6 +183,8 @@ def cmd_compress(args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if data_parallel()[0] > 0:
+        return 0
     summary = inspect_artifact(out)
     print(f"wrote {out}: {summary['n_packed']} packed modules, {summary['bits_per_weight_packed']:.3f} bits/weight "
           f"in packed layers, {summary['file_bytes'] / 1e6:.1f} MB on disk ({time.perf_counter() - t0:.1f} s)")

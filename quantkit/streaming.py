@@ -357,11 +357,29 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
     from quantkit.models.streaming import plan_streaming
     from quantkit.recipe import load_recipe
 
+    from quantkit.distributed import barrier, data_parallel
+
     status = status or (lambda msg: None)
     recipe = load_recipe(recipe)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
+    rank, world = data_parallel()
+    if world > 1:
+        # several ranks (torchrun): they only help a pass that trains data-parallel; the
+        # model is loaded whole on every rank and rank 0 alone writes OUT
+        if not any(PASSES[e.name].data_parallel for e in recipe.passes):
+            raise UsageError(f"{world} torch.distributed ranks, but recipe {recipe.name!r} has no pass that trains "
+                             f"with them (dbllm does); run quantkit compress without torchrun")
+        if resume:
+            raise UsageError("--resume is for block-by-block compress, which does not run under torchrun")
+        status(f"rank {rank} of {world}: loading {model} whole (data-parallel training)")
+        loaded = compress(load_model(model), recipe, inplace=True, progress=progress and rank == 0,
+                          allow_empty=allow_empty, allow_nonfinite=allow_nonfinite, calib_text=calib_text)
+        if rank == 0:
+            artifact.save(loaded, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+        barrier()  # OUT is complete for every rank once this returns
+        return out
     source = resolve_model_source(str(model))
     plan = plan_streaming(source) if source.kind == "hf-folder" else None
     if plan is not None and not isinstance(plan, str):

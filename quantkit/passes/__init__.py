@@ -45,6 +45,7 @@ class PassSpec:
     calibrated: bool = False  # needs activations (see the life cycle above)
     stream: Optional[type] = None  # block-by-block driver of a calibrated pass (see above)
     whole_model: str = ""  # why a calibrated pass without ``stream`` needs the whole model
+    data_parallel: bool = False  # trains with its batches split across torch.distributed ranks
 
 
 PASSES: dict[str, PassSpec] = {
@@ -59,5 +60,6 @@ PASSES: dict[str, PassSpec] = {
                          stream=bitstack.BitStackStream),
     "dbllm": PassSpec("dbllm", dbllm.DbllmPassConfig, dbllm.apply,
                       "DB-LLM 2-bit dual binarization + distillation", calibrated=True,
-                      whole_model="it distils the whole model end to end from the teacher's logits"),
+                      whole_model="it distils the whole model end to end from the teacher's logits",
+                      data_parallel=True),
 }

@@ -26,7 +26,7 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from quantkit.errors import QuantkitError
+from quantkit.errors import QuantkitError, UsageError
 from quantkit.formats import dualbin
 from quantkit.nn.dualbin_linear import DualBinLinear
 from quantkit.passes.fdb_train import DAD_WEIGHTS, FDBTrainLinear, cosine_lr, distill_loss
@@ -151,7 +151,19 @@ def train(model: nn.Module, teacher: nn.Module, names: list[str], cfg: DbllmPass
 
     Returns one dict per step (loss, kl, entropies, seconds). Raises TrainingDiverged on a
     non-finite loss or gradient, leaving the parameters of the last good step.
+
+    Under an initialised process group (``torchrun``, quantkit/distributed.py) each step's
+    batch of ``cfg.batch_size`` sequences is split across the ranks (batch_size must be a
+    multiple of the world size) and DistributedDataParallel averages the gradients: the same
+    optimisation as one process, N times the throughput. Every rank draws the same sequence
+    indices, so no data is exchanged.
     """
+    from quantkit.distributed import data_parallel, mean_across_ranks
+
+    rank, world = data_parallel()
+    if cfg.batch_size % world:
+        raise UsageError(f"dbllm: batch_size {cfg.batch_size} must be a multiple of the {world} data-parallel "
+                            "ranks (each rank takes an equal slice of every batch)")
     device = next(model.parameters()).device
     fdb = [model.get_submodule(n) for n in names]
     weights = [m.weight for m in fdb if m.weight.requires_grad]
@@ -167,6 +179,11 @@ def train(model: nn.Module, teacher: nn.Module, names: list[str], cfg: DbllmPass
     for p in model.parameters():
         if not any(p is t for t in trainable):
             p.requires_grad_(False)
+    student = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        student = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     weight_fn = cfg.dad_weight if cfg.loss == "dad" else "uniform"
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(data.shape[0], generator=g)
@@ -181,16 +198,18 @@ def train(model: nn.Module, teacher: nn.Module, names: list[str], cfg: DbllmPass
                 order, pos = torch.randperm(data.shape[0], generator=g), 0
             idx.append(order[pos].item())
             pos += 1
-        batch = data[idx].to(device)
+        batch = data[idx[rank::world]].to(device)
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * cosine_lr(step, cfg.steps, cfg.warmup)
         with _autocast(cfg, device):
             with torch.no_grad():
                 t_logits = teacher(batch).logits
-            s_logits = model(batch).logits
-        loss, stats = distill_loss(s_logits, t_logits, weight_fn, cfg.dad_gamma, cfg.temperature)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"dbllm: loss is {loss.item()} at step {step + 1}/{cfg.steps}; stopped before "
+            s_logits = student(batch).logits
+        loss, stats = distill_loss(s_logits, t_logits, weight_fn, cfg.dad_gamma, cfg.temperature,
+                                   weight_norm=mean_across_ranks)
+        global_loss = mean_across_ranks(loss)  # every rank takes the same decision below
+        if not torch.isfinite(global_loss):
+            raise TrainingDiverged(f"dbllm: loss is {global_loss.item()} at step {step + 1}/{cfg.steps}; stopped before "
                                    "updating (parameters are those of the last good step); try a lower lr/lr_alpha")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -199,7 +218,7 @@ def train(model: nn.Module, teacher: nn.Module, names: list[str], cfg: DbllmPass
             raise TrainingDiverged(f"dbllm: gradient norm is {gnorm.item()} at step {step + 1}/{cfg.steps}; stopped "
                                    "before updating (parameters are those of the last good step); try a lower lr")
         opt.step()
-        rec = {"step": step + 1, "loss": loss.item(), **stats, "seconds": time.perf_counter() - t0}
+        rec = {"step": step + 1, "loss": global_loss.item(), **stats, "seconds": time.perf_counter() - t0}
         history.append(rec)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{rec['loss']:.4f}", kl=f"{rec['kl']:.4f}", refresh=False)

@@ -140,9 +140,13 @@ DAD_WEIGHTS: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tenso
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight_fn: str = "uniform",
-                 gamma: float = 1.0, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+                 gamma: float = 1.0, temperature: float = 1.0,
+                 weight_norm: Callable[[torch.Tensor], torch.Tensor] = lambda total: total) -> tuple[torch.Tensor, dict]:
     """Token-weighted KL(teacher || student) over logits [..., V] (any float dtype; math in fp32).
 
+    The weighted sum is divided by ``weight_norm(sum of this batch's token weights)``; data
+    parallel training passes the mean of that sum over the ranks, so that the averaged
+    gradients equal one process's on the whole batch.
     Returns (loss, stats) where stats has the mean teacher/student entropy and the plain
     (unweighted) mean KL, for logging and for comparing KD with DAD on one scale.
     """
@@ -155,7 +159,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, wei
         h_s = -(s.detach().exp() * s.detach()).sum(-1)
         w = DAD_WEIGHTS[weight_fn](h_t, h_s, gamma)
     kl = (pt * (t - s)).sum(-1)                                           # [tokens]
-    loss = (w * kl).sum() / w.sum() * (temperature ** 2)
+    loss = (w * kl).sum() / weight_norm(w.sum()) * (temperature ** 2)
     stats = {"kl": kl.detach().mean().item(), "h_t": h_t.mean().item(), "h_s": h_s.mean().item()}
     return loss, stats
 

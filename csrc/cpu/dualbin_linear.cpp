@@ -31,13 +31,6 @@
 
 #include "cpu/isa.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QK_DB_X86 1
-#include <immintrin.h>
-#else
-#define QK_DB_X86 0
-#endif
-
 namespace quantkit {
 namespace cpu {
 namespace {
@@ -86,7 +79,7 @@ void rows_scalar(const DualBinWeight& w,  // packed weight
   }
 }
 
-#if QK_DB_X86
+#if QK_X86
 // ---------------------------------------------------------------------------------------
 // AVX-512 masked-add kernel: MB x rows (1..4) at a time share each mask load
 // ---------------------------------------------------------------------------------------
@@ -183,7 +176,7 @@ void dualbin_dequantize_rows(const DualBinWeight& w, int64_t r0, int64_t r1, flo
         const float lv[4] = {a1 * 0.f + a2 * 0.f, a1 * 0.f + a2 * 1.f, a1 * 1.f + a2 * 0.f, a1 * 1.f + a2 * 1.f};
         const int64_t kend = std::min(k, (g + 1) * w.group);
         int64_t c = g * w.group;
-#if QK_DB_X86
+#if QK_X86
         if (use_avx512()) c = dequant_group_avx512(p1, p2, lv, c, kend, o);
 #endif
         for (; c < kend; ++c) {
@@ -209,7 +202,7 @@ void dualbin_gemm_small(const DualBinWeight& w, const void* x, DType xt, int64_t
   // rows per task: enough work (~32K masked adds) to outweigh an OpenMP fork
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kp * m));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-#if QK_DB_X86
+#if QK_X86
     if (use_avx512()) {
       rows_avx512(w, xp.data(), m, kp, n0, n1, yf.data());
       return;

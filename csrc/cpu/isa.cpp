@@ -9,7 +9,7 @@ namespace cpu {
 
 Isa select_isa(bool avx2_needs_f16c) {
   Isa best = Isa::Scalar;
-#if defined(__x86_64__) || defined(_M_X64)
+#if QK_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       (!avx2_needs_f16c || __builtin_cpu_supports("f16c")))

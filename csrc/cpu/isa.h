@@ -13,6 +13,14 @@
 
 #include "cpu/lut4_linear.h"  // DType
 
+// QK_X86: whether the AVX-512 / AVX2 variants (and <immintrin.h>) are compiled at all.
+#if defined(__x86_64__) || defined(_M_X64)
+#define QK_X86 1
+#include <immintrin.h>
+#else
+#define QK_X86 0
+#endif
+
 namespace quantkit {
 namespace cpu {
 

@@ -26,13 +26,6 @@
 
 #include "cpu/isa.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QK_X86 1
-#include <immintrin.h>
-#else
-#define QK_X86 0
-#endif
-
 namespace quantkit {
 namespace cpu {
 namespace {

@@ -27,7 +27,11 @@ def _rel(paths):
 def _extension():
     import torch
 
-    sources = ["csrc/ops.cpp"] + _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    # csrc/module.cpp: the Python module init; csrc/ops/*.cpp: per-format checks + CPU op
+    # registration (TORCH_LIBRARY_IMPL); csrc/cpu/*.cpp: the torch-free CPU kernels.
+    sources = ["csrc/module.cpp"] + _rel(
+        glob.glob(os.path.join(ROOT, "csrc", "ops", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+    )
     # -ffp-contract=off: the double-quant scale decode (q * s + offset) must round like the
     # reference's separate mul and add, never be fused into an FMA.
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]

@@ -25,7 +25,7 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     y = x @ W.T + bias with W = lut4_dequantize(...) [out_features, in_features],
     accumulated in fp32.
     Native CPU kernel, large batches (m = rows of x above a per-dtype threshold, see
-    gemm_threshold in csrc/ops.cpp): for fp32 x, W is dequantized to fp32 and MKL sgemm runs
+    gemm_threshold in csrc/ops/lut4_ops.cpp): for fp32 x, W is dequantized to fp32 and MKL sgemm runs
     (same values as the reference up to summation order). For bf16/fp16 x, W is dequantized
     and then ROUNDED TO x.dtype (round to nearest even, exactly as W.to(x.dtype)) before the
     product, as bitsandbytes does (dequantize to the compute dtype, then F.linear); the GEMM

@@ -25,68 +25,26 @@
 #include "cpu/bitstack_linear.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QK_X86 1
-#include <immintrin.h>
-#else
-#define QK_X86 0
-#endif
+#include "cpu/isa.h"
 
 namespace quantkit {
 namespace cpu {
 namespace {
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-
-Isa detect_isa() {
-  Isa best = Isa::Scalar;
-#if QK_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    best = Isa::Avx2;
-  if (__builtin_cpu_supports("avx512f")) best = Isa::Avx512;
-#endif
-  if (const char* env = std::getenv("QUANTKIT_CPU_ISA")) {
-    const std::string s(env);
-    if (s == "scalar") best = Isa::Scalar;
-    else if (s == "avx2" && best >= Isa::Avx2) best = Isa::Avx2;
-  }
-  return best;
-}
-
+// avx2 here needs AVX2 + FMA + F16C (the fp16 -> fp32 converts of u and v).
 Isa isa() {
-  static const Isa v = detect_isa();
+  static const Isa v = select_isa(/*avx2_needs_f16c=*/true);
   return v;
-}
-
-inline float load_as_float(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_from_float(void* p, DType t, int64_t i, float v) {
-  switch (t) {
-    case DType::BF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
 }
 
 // ---- fp16 -> fp32 of u and v, once per call (scalar c10::Half is ~10x slower) ----------
 void half_to_float_scalar(const uint16_t* src, int64_t count, float* dst) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<float>(c10::Half(src[i], c10::Half::from_bits()));
+  for (int64_t i = 0; i < count; ++i) dst[i] = half_bits_to_float(src[i]);
 }
 #if QK_X86
 __attribute__((target("avx512f"))) void half_to_float_avx512(const uint16_t* src, int64_t count, float* dst) {
@@ -289,13 +247,7 @@ void rows_dispatch(const BitStackWeight& w, const float* lut, const float* uf, i
 
 }  // namespace
 
-const char* bitstack_cpu_isa() {
-  switch (isa()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
-  }
-}
+const char* bitstack_cpu_isa() { return isa_name(isa()); }
 
 void bitstack_gemv(const BitStackWeight& w, const void* x, DType xt, int64_t rows, const void* bias, DType bt,
                    void* y) {

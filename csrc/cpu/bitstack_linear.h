@@ -1,4 +1,4 @@
-// BitStack CPU kernels: raw-pointer interface (ops.cpp owns tensors, checks, registration).
+// BitStack CPU kernels: raw-pointer interface (csrc/ops/bitstack_ops.cpp owns tensors, checks, registration).
 //
 // Weight layout (quantkit/formats/bitstack.py): b residual blocks of an [m, n] weight,
 //   signs uint8 [b, m, nbytes], nbytes = ceil(n/8): column c of row r is bit (7 - c%8) of

@@ -24,59 +24,20 @@
 #include "cpu/dualbin_linear.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QK_DB_X86 1
-#include <immintrin.h>
-#else
-#define QK_DB_X86 0
-#endif
+#include "cpu/isa.h"
 
 namespace quantkit {
 namespace cpu {
 namespace {
 
-inline float half_to_float(uint16_t h) {  // fp16 bits -> fp32, exact
-  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
-}
-
-inline float load_f(const void* p, DType t, int64_t i) {  // element i of an array of type t as fp32
-  switch (t) {
-    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_f(void* p, DType t, int64_t i, float v) {  // rounded to nearest even like Tensor.to
-  switch (t) {
-    case DType::BF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
-
+// The masked-add kernel has only an AVX-512 variant: QUANTKIT_CPU_ISA=avx2 means scalar here.
 bool use_avx512() {
-  static const bool v = [] {
-    bool ok = false;
-#if QK_DB_X86
-    __builtin_cpu_init();
-    ok = __builtin_cpu_supports("avx512f");
-#endif
-    if (const char* env = std::getenv("QUANTKIT_CPU_ISA")) {
-      const std::string s(env);
-      if (s == "scalar" || s == "avx2") ok = false;  // the dualbin kernel has no AVX2 variant
-    }
-    return ok;
-  }();
+  static const bool v = select_isa(/*avx2_needs_f16c=*/false) == Isa::Avx512;
   return v;
 }
 
@@ -110,14 +71,15 @@ void rows_scalar(const DualBinWeight& w,  // packed weight
           s1 += ((p1[k >> 3] >> sh) & 1) ? xr[k] : 0.f;
           s2 += ((p2[k >> 3] >> sh) & 1) ? xr[k] : 0.f;
         }
-        acc += half_to_float(w.alpha1[n * w.groups + g]) * s1 + half_to_float(w.alpha2[n * w.groups + g]) * s2;
+        acc += half_bits_to_float(w.alpha1[n * w.groups + g]) * s1 +
+               half_bits_to_float(w.alpha2[n * w.groups + g]) * s2;
       }
       yf[i * w.rows + n] = acc;
     }
   }
 }
 
-#if QK_DB_X86
+#if QK_X86
 // ---------------------------------------------------------------------------------------
 // AVX-512 masked-add kernel: MB x rows (1..4) at a time share each mask load
 // ---------------------------------------------------------------------------------------
@@ -208,13 +170,13 @@ void dualbin_dequantize_rows(const DualBinWeight& w, int64_t r0, int64_t r1, flo
       const uint8_t* p2 = w.plane2 + n * w.row_bytes;
       float* o = out + (n - r0) * k;
       for (int64_t g = 0; g < w.groups; ++g) {
-        const float a1 = half_to_float(w.alpha1[n * w.groups + g]);
-        const float a2 = half_to_float(w.alpha2[n * w.groups + g]);
+        const float a1 = half_bits_to_float(w.alpha1[n * w.groups + g]);
+        const float a2 = half_bits_to_float(w.alpha2[n * w.groups + g]);
         // the four levels, computed as the reference does: a1*b1 + a2*b2 with b in {0, 1}
         const float lv[4] = {a1 * 0.f + a2 * 0.f, a1 * 0.f + a2 * 1.f, a1 * 1.f + a2 * 0.f, a1 * 1.f + a2 * 1.f};
         const int64_t kend = std::min(k, (g + 1) * w.group);
         int64_t c = g * w.group;
-#if QK_DB_X86
+#if QK_X86
         if (use_avx512()) c = dequant_group_avx512(p1, p2, lv, c, kend, o);
 #endif
         for (; c < kend; ++c) {
@@ -234,13 +196,13 @@ void dualbin_gemm_small(const DualBinWeight& w, const void* x, DType xt, int64_t
   std::vector<float> xp(static_cast<size_t>(m * kp), 0.f);
   for (int64_t i = 0; i < m; ++i) {
     if (xt == DType::F32) std::memcpy(&xp[i * kp], static_cast<const float*>(x) + i * k, sizeof(float) * k);
-    else for (int64_t c = 0; c < k; ++c) xp[i * kp + c] = load_f(x, xt, i * k + c);
+    else for (int64_t c = 0; c < k; ++c) xp[i * kp + c] = load_as_float(x, xt, i * k + c);
   }
   std::vector<float> yf(static_cast<size_t>(m * n));
   // rows per task: enough work (~32K masked adds) to outweigh an OpenMP fork
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kp * m));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-#if QK_DB_X86
+#if QK_X86
     if (use_avx512()) {
       rows_avx512(w, xp.data(), m, kp, n0, n1, yf.data());
       return;
@@ -250,8 +212,8 @@ void dualbin_gemm_small(const DualBinWeight& w, const void* x, DType xt, int64_t
   });
   for (int64_t i = 0; i < m; ++i)
     for (int64_t c = 0; c < n; ++c) {
-      const float v = yf[i * n + c] + (bias ? load_f(bias, bt, c) : 0.f);
-      store_f(y, xt, i * n + c, v);
+      const float v = yf[i * n + c] + (bias ? load_as_float(bias, bt, c) : 0.f);
+      store_from_float(y, xt, i * n + c, v);
     }
 }
 

@@ -3,7 +3,7 @@
 // Layout (quantkit/formats/intk.py): row r of the packed weight is a little-endian bitstream of
 // row_bytes = ceil(cols * bits / 8) bytes; code c occupies bits [c*bits, c*bits + bits), bit p
 // being bit (p % 8) of byte p / 8. W[r, c] = (code - offset) * scale[r], in fp32.
-// Free of torch headers like lut4_linear.h; ops.cpp owns tensors, checks and registration.
+// Free of torch headers like lut4_linear.h; csrc/ops/intk_ops.cpp owns tensors, checks and registration.
 #pragma once
 
 #include <cstdint>

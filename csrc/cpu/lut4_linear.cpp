@@ -19,21 +19,12 @@
 #include "lut4_linear.h"
 
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#define QK_X86 1
-#include <immintrin.h>
-#else
-#define QK_X86 0
-#endif
+#include "cpu/isa.h"
 
 namespace quantkit {
 namespace cpu {
@@ -42,27 +33,6 @@ namespace {
 // ---------------------------------------------------------------------------------------
 // Small helpers shared by every ISA
 // ---------------------------------------------------------------------------------------
-
-inline float load_as_float(const void* p,  // base pointer of an array of type t
-                           DType t,        // element type
-                           int64_t i) {    // element index
-  switch (t) {
-    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
-    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
-inline void store_from_float(void* p,     // base pointer of an array of type t
-                             DType t,     // element type
-                             int64_t i,   // element index
-                             float v) {   // value, rounded to nearest-even like Tensor.to()
-  switch (t) {
-    case DType::BF16: static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v); break;
-    case DType::F16: static_cast<c10::Half*>(p)[i] = c10::Half(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
 
 // fp32 scale of block b. Double quant is decoded here, once per block, so no separate
 // pass over absmax or the weight is needed. mul then add (never an FMA: see top).
@@ -121,26 +91,9 @@ void dequant_range_scalar(const Lut4Weight& w,  // packed weight
 // ---------------------------------------------------------------------------------------
 // Runtime ISA selection
 // ---------------------------------------------------------------------------------------
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-
-Isa detect_isa() {
-  Isa best = Isa::Scalar;
-#if QK_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
-  if (__builtin_cpu_supports("avx512f")) best = Isa::Avx512;
-#endif
-  // QUANTKIT_CPU_ISA can only lower the choice (tests exercise every variant this way).
-  if (const char* env = std::getenv("QUANTKIT_CPU_ISA")) {
-    const std::string s(env);
-    if (s == "scalar") best = Isa::Scalar;
-    else if (s == "avx2" && best >= Isa::Avx2) best = Isa::Avx2;
-  }
-  return best;
-}
-
+// avx2 here needs AVX2 + FMA.
 Isa isa() {
-  static const Isa v = detect_isa();
+  static const Isa v = select_isa(/*avx2_needs_f16c=*/false);
   return v;
 }
 
@@ -692,13 +645,7 @@ __attribute__((target("avx2,fma,f16c"))) void cvt_f32_avx2(const float* src, int
 
 }  // namespace
 
-const char* lut4_cpu_isa() {
-  switch (isa()) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    default: return "scalar";
-  }
-}
+const char* lut4_cpu_isa() { return isa_name(isa()); }
 
 void lut4_dequantize_rows(const Lut4Weight& w_in, int64_t r0, int64_t r1, float* out) {
   const Lut4Weight w = with_derived(w_in);

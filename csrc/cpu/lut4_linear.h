@@ -1,8 +1,8 @@
 // lut4 (nf4/fp4, bitsandbytes layout) CPU kernels: raw-pointer interface.
 //
 // Kept free of <torch/extension.h> on purpose: the kernel translation unit only needs
-// ATen/Parallel.h, so it compiles in a few seconds instead of ~25 s. ops.cpp owns the
-// tensors, the checks and the dispatcher registration.
+// ATen/Parallel.h, so it compiles in a few seconds instead of ~25 s. csrc/ops/lut4_ops.cpp
+// owns the tensors, the checks and the dispatcher registration.
 #pragma once
 
 #include <cstdint>

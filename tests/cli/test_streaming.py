@@ -160,7 +160,10 @@ def test_scope_selects_the_same_modules(tiny_llama_dir):
 def _spawn(src, out, *extra, delay="0.6"):
     env = dict(os.environ, **{DELAY_ENV: delay, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     cmd = [sys.executable, "-m", "quantkit.cli", "compress", str(src), "--recipe", "nf4", "-o", str(out), *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background (`cmd &`,
+    # nohup) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_units(out, n, proc, timeout=120):

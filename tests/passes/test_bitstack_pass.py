@@ -103,7 +103,7 @@ def test_ppl_order_is_level_major(fp_model):
 @pytest.mark.parametrize("levels", [1, 2])
 def test_ppl_levels_then_proxy(fp_model, levels):
     """Levels 1..ppl_levels ranked by perplexity come level by level (every block 2 before any
-    block 3, ...), the proxy orders the rest after them (2 is the shipped default)."""
+    block 3, ...), the proxy orders the rest after them (the shipped recipe ranks 3)."""
     model = quantkit.compress(fp_model, _recipe("ppl", ppl_levels=levels), progress=False)
     mods = _order_ok(model)
     n = len(mods)
@@ -113,9 +113,9 @@ def test_ppl_levels_then_proxy(fp_model, levels):
 
 
 def test_shipped_recipe_is_the_measured_default():
-    """recipes/bitstack.yaml holds the settings docs/benchmarks.md measured (rank 4, 2 ranked levels)."""
+    """recipes/bitstack.yaml holds the settings docs/benchmarks.md measured (rank 4, 3 ranked levels)."""
     cfg = quantkit.load_recipe("bitstack").passes[0].config
-    assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 2)
+    assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 3)
     assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 128, 16, 512)
 
 

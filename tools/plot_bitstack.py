@@ -41,10 +41,12 @@ def main(argv=None) -> int:
             if r["label"] != "bitstack":
                 points[r["label"]] = r
     markers = {"nf4": "s", "fp4": "^", "dbllm": "D"}
+    names = {"dbllm": "DB-LLM 2-bit (dual binary)"}
     for label, r in points.items():
-        ax.plot([r["memory_mb"]], [r["ppl"]], markers.get(label, "x"), markersize=9, label=f"{label}")
+        name = names.get(label, label)
+        ax.plot([r["memory_mb"]], [r["ppl"]], markers.get(label, "x"), markersize=9, label=name)
         offset = (8, -12) if label == "nf4" else (8, 4)  # nf4 and fp4 share one memory: keep labels apart
-        ax.annotate(f"{label} {r['ppl']:.2f}", (r["memory_mb"], r["ppl"]), textcoords="offset points", xytext=offset)
+        ax.annotate(f"{name} {r['ppl']:.2f}", (r["memory_mb"], r["ppl"]), textcoords="offset points", xytext=offset)
     if args.fp32:
         ax.axhline(args.fp32, color="gray", linestyle="--", linewidth=1, label=f"fp32 {args.fp32:.2f}")
     ax.set_yscale("log")

@@ -103,11 +103,23 @@ def test_ppl_order_is_level_major(fp_model):
         assert [p // n for p in m.order] == list(range(N_BLOCKS - 1))
 
 
-def test_ppl_first_level_then_proxy(fp_model):
-    """The shipped default: level 1 ranked by perplexity, every block 2 before any block 3+."""
-    model = quantkit.compress(fp_model, _recipe("ppl", ppl_levels=1), progress=False)
+@pytest.mark.parametrize("levels", [1, 2])
+def test_ppl_levels_then_proxy(fp_model, levels):
+    """Levels 1..ppl_levels ranked by perplexity come level by level (every block 2 before any
+    block 3, ...), the proxy orders the rest after them (the shipped recipe ranks 3)."""
+    model = quantkit.compress(fp_model, _recipe("ppl", ppl_levels=levels), progress=False)
     mods = _order_ok(model)
-    assert sorted(m.order[0] for m in mods.values()) == list(range(len(mods)))
+    n = len(mods)
+    for level in range(levels):
+        assert sorted(m.order[level] for m in mods.values()) == list(range(level * n, (level + 1) * n))
+    assert min(p for m in mods.values() for p in m.order[levels:]) == levels * n
+
+
+def test_shipped_recipe_is_the_measured_default():
+    """recipes/bitstack.yaml holds the settings docs/benchmarks.md measured (rank 4, 3 ranked levels)."""
+    cfg = quantkit.load_recipe("bitstack").passes[0].config
+    assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 3)
+    assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 128, 16, 512)
 
 
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):

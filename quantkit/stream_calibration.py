@@ -119,10 +119,8 @@ class CalibratedStream:
     def _read_carry(pdir: Path, carry: dict) -> Optional[torch.Tensor]:
         from safetensors.torch import load_file
 
-        from quantkit.streaming import _sha256_file
-
         path = pdir / carry["file"]
-        if not path.is_file() or path.stat().st_size != carry["bytes"] or _sha256_file(path) != carry["sha256"]:
+        if not path.is_file() or path.stat().st_size != carry["bytes"] or shards.sha256_file(path) != carry["sha256"]:
             return None
         return load_file(str(path))["x"]
 

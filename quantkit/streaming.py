@@ -81,14 +81,6 @@ def check_recipe_matches(model, recipe: Recipe, allow_empty: bool) -> None:
         claimed.update(chosen)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(plan: StreamPlan, recipe: Recipe, extra: Optional[dict] = None) -> dict:
     """What a resumed run must share with the run that wrote the partial folder."""
     from quantkit import __version__
@@ -125,7 +117,7 @@ def _verified_done(pdir: Path, journal: dict, status: Callable[[str], None]) -> 
     good = []
     for entry in journal.get("done", []):
         path = pdir / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"] or _sha256_file(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or shards.sha256_file(path) != entry["sha256"]:
             status(f"the file of unit {entry['unit']} is missing or damaged; redoing from there")
             break
         good.append(entry)

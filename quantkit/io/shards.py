@@ -107,6 +107,15 @@ def header_bytes(entries: list[TensorEntry], metadata: Optional[dict]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file's bytes (read in 16 MB chunks): what ``write_safetensors`` returns."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_safetensors(path: Union[str, Path], entries: list[TensorEntry], metadata: Optional[dict] = None) -> str:
     """Write ``entries`` (in ``file_order``) to ``path``, fsync it; returns the file's sha256."""
     entries = file_order(entries)

@@ -11,6 +11,13 @@ A (scaled) weight W [m, n] (m = out_features, n = in_features) is decomposed in 
         block_i = S_i ⊙ (u_i v_i)
         R_{i+1} = R_i − block_i          (with the fp32 u_i, v_i, before the fp16 cast)
 
+With a Hessian H [n, n] of the inputs (``quantize(..., hessian=H)``), the signs S_i are not
+simply sign(R_i): they are chosen column by column with error feedback (the update rule of
+GPTQ / optimal brain quantization), so that block i minimises the *output* error
+tr((R_i − block_i) H (R_i − block_i)ᵀ) given its magnitudes u_i v_i, not ‖R_i − block_i‖_F. The
+magnitudes still come from the rank-k SVD of |R_i|, and R_{i+1} = R_i − block_i is the true
+residual, so the format, the prefix property and the kernels are unchanged.
+
 and any prefix of b blocks reconstructs  Ŵ_b = Σ_{i<b} S_i ⊙ (u_i v_i)  (u, v read back as
 fp32 from fp16). Error falls with every block, so one artifact can be loaded at any b.
 
@@ -117,13 +124,74 @@ def _rank_k_factors(a: torch.Tensor, k: int, svd: str, generator: torch.Generato
     return U * root, root[:, None] * Vh
 
 
+def _hinv_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (U ᵀU = (H + λI)⁻¹), λ = damp · mean(diag H), fp32 [n, n].
+
+    Channels that never fired (diag 0) get diag 1 so H stays invertible; if H is still not
+    positive definite (rank-deficient calibration), λ grows tenfold up to four times."""
+    h = h.detach().float().clone()
+    n = h.shape[0]
+    d = torch.diagonal(h)
+    dead = d <= 0
+    h[dead, :] = 0
+    h[:, dead] = 0
+    d[dead] = 1.0
+    lam = damp * float(d.mean())
+    eye = torch.eye(n, dtype=h.dtype)
+    for _ in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            u, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return u
+        lam *= 10
+    raise FormatError("bitstack: the calibration Hessian is not positive definite even with damping "
+                      f"{lam / 10 / float(d.mean()):g} x mean(diag); use more calibration tokens")
+
+
+def _feedback_signs(r: torch.Tensor, mag: torch.Tensor, hinv_u: torch.Tensor, cols: int = 32) -> torch.Tensor:
+    """Signs ±1 [m, n] for the block S ⊙ mag of residual ``r`` [m, n] with GPTQ error feedback.
+
+    Column c takes the sign of its feedback-updated value w_c; its error
+    (w_c − s_c·mag_c) / U[c, c] is spread over the later columns through row c of ``hinv_u``
+    (the upper Cholesky factor of H⁻¹), which is what minimises the output error of the block
+    column by column. Columns are processed in groups of ``cols``: inside a group the update is
+    per column, between groups one matrix product (the lazy batch update of GPTQ)."""
+    m, n = r.shape
+    w = r.clone()
+    signs = torch.empty_like(r)
+    plus, minus = torch.tensor(1.0), torch.tensor(-1.0)
+    for c0 in range(0, n, cols):
+        c1 = min(c0 + cols, n)
+        wg = w[:, c0:c1].clone()
+        errs = torch.empty_like(wg)
+        ug = hinv_u[c0:c1, c0:c1]
+        mg = mag[:, c0:c1]
+        for j in range(c1 - c0):
+            s = torch.where(wg[:, j] >= 0, plus, minus)
+            e = errs[:, j]
+            torch.addcmul(wg[:, j], s, mg[:, j], value=-1.0, out=e)
+            e.div_(ug[j, j])
+            wg[:, j + 1:].addr_(e, ug[j, j + 1:], alpha=-1.0)  # the later columns absorb the error
+        # column j is final once signed (later updates only reach columns > j)
+        signs[:, c0:c1] = torch.where(wg >= 0, 1.0, -1.0)
+        if c1 < n:
+            w[:, c1:] -= errs @ hinv_u[c0:c1, c1:]
+    return signs
+
+
 def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "exact",
-             seed: int = 0) -> BitStackBlocks:
+             seed: int = 0, hessian: torch.Tensor | None = None, damp: float = 0.01) -> BitStackBlocks:
     """Decompose ``w`` [m, n] (any float dtype, read as fp32) into ``n_blocks`` residual blocks.
 
     rank: k, the SVD rank per block (clipped to min(m, n); the stored u/v then have that
     many columns). svd: "exact" (torch.linalg.svd, as the reference) or "lowrank"
     (torch.svd_lowrank: randomized, ~7x faster on CPU; deterministic for a given seed).
+    hessian: None (signs = sign of the residual, the reference method) or H [n, n], the Gram
+    Σ xᵀx of the inputs x [*, n] this weight multiplies (any positive scale): the signs then
+    minimise each block's output error with error feedback (module docstring); ``damp`` is
+    the diagonal damping added to H as a fraction of its mean diagonal.
     """
     if w.dim() != 2:
         raise FormatError(f"bitstack decomposes 2-D weights, got shape {list(w.shape)}")
@@ -134,11 +202,23 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
     r = w.detach().float().clone()
     if not torch.isfinite(r).all():
         raise FormatError("bitstack: the weight holds NaN or Inf")
+    hinv_u = None
+    if hessian is not None:
+        n = r.shape[1]
+        if hessian.shape != (n, n) or not torch.isfinite(hessian).all():
+            raise FormatError(f"bitstack: the Hessian must be a finite [{n}, {n}] matrix, got "
+                              f"{list(hessian.shape)}")
+        if not damp > 0:
+            raise FormatError(f"bitstack: damp must be > 0, got {damp}")
+        hinv_u = _hinv_cholesky(hessian, damp)
     g = torch.Generator().manual_seed(seed)
     signs, us, vs = [], [], []
     for _ in range(n_blocks):
-        s = torch.where(r >= 0, 1.0, -1.0)
         u, v = _rank_k_factors(r.abs(), rank, svd, g)
+        if hinv_u is None:
+            s = torch.where(r >= 0, 1.0, -1.0)
+        else:
+            s = _feedback_signs(r, u @ v, hinv_u)
         signs.append(pack_signs(s))
         us.append(u.half())
         vs.append(v.half())

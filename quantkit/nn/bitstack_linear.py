@@ -56,9 +56,11 @@ class BitStackLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], n_blocks: int, rank: int,
-                    svd: str = "exact", seed: int = 0) -> "BitStackLinear":
-        """Decompose ``weight`` [out, in] (already scaled by the pass) into a full stack."""
-        q = bitstack.quantize(weight, n_blocks, rank, svd, seed)
+                    svd: str = "exact", seed: int = 0, hessian: Optional[torch.Tensor] = None,
+                    damp: float = 0.01) -> "BitStackLinear":
+        """Decompose ``weight`` [out, in] (already scaled by the pass) into a full stack;
+        ``hessian`` [in, in] (optional): input Gram for error-feedback signs (``bitstack.quantize``)."""
+        q = bitstack.quantize(weight, n_blocks, rank, svd, seed, hessian=hessian, damp=damp)
         m, n = weight.shape
         mod = cls(n, m, bias is not None, q.rank, n_blocks, device="cpu",
                   bias_dtype=bias.dtype if bias is not None else torch.float32)

@@ -13,7 +13,10 @@ Steps (facts from the reference implementation, algorithms.md §2):
    columns × s and v_proj rows / s only when v_proj and o_proj have the same shape (plain
    multi-head attention; with grouped-query attention a v row feeds several o columns).
 3. Decomposition of each scaled weight into ``n_blocks`` residual blocks of rank ``rank``
-   (quantkit/formats/bitstack.py).
+   (quantkit/formats/bitstack.py). With ``error_feedback`` each block's signs are chosen with
+   GPTQ-style error feedback over the layer's calibration Gram (of x / s, what the scaled
+   layer reads), damped by ``damp`` · mean diagonal: not in the reference; it halves the
+   calibration output error per block on SmolLM2-135M (docs/benchmarks.md, round 3).
 4. Model-wide block order, stored per module (``BitStackLinear.order``):
    * ``proxy``: greedy by calibration output-error reduction per byte. For a layer
      with (scaled) input Gram H and error E_b = W' − Ŵ'_b after b blocks, block b+1 is worth
@@ -74,6 +77,10 @@ class BitStackPassConfig:
     val_samples / val_seq_len: validation windows for order "ppl" (disjoint from calibration).
     ppl_levels: levels ranked by perplexity when order is "ppl" (0 = all n_blocks − 1; default 1:
         each level costs one forward pass per decomposed layer).
+    error_feedback: choose each block's signs with GPTQ-style error feedback over the
+        calibration input Gram, minimising the block's output error instead of its Frobenius
+        error (quantkit/formats/bitstack.py); False = the reference's sign(residual).
+    damp: diagonal damping of that Gram, as a fraction of its mean diagonal.
     seed: window draw and randomized-SVD seed.
     """
 
@@ -89,6 +96,8 @@ class BitStackPassConfig:
     val_samples: int = 1
     val_seq_len: int = 128
     ppl_levels: int = 1
+    error_feedback: bool = False
+    damp: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +106,8 @@ class BitStackPassConfig:
                 raise ValueError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.n_blocks > 64:
             raise ValueError(f"'n_blocks' must be <= 64, got {self.n_blocks}")
+        if not 0 < self.damp <= 1:
+            raise ValueError(f"'damp' must be in (0, 1], got {self.damp}")
         if self.ppl_levels < 0:
             raise ValueError(f"'ppl_levels' must be >= 0, got {self.ppl_levels}")
         validate_patterns(self.targets, "targets")
@@ -152,6 +163,17 @@ class _Stats:
         if inv_scale is not None:
             x = x * inv_scale[None, :]
         return lambda e: float((e @ x.T).square().sum()) / self.samples
+
+    def hessian(self, name: str, inv_scale) -> torch.Tensor:
+        """H = XᵀX / samples [d, d] fp32 of watched input ``name`` (as the layer sees it: x / s
+        when ``inv_scale`` = 1/s is given)."""
+        if name in self.xtx:
+            h = self.xtx[name] / self.samples
+            return h if inv_scale is None else h * inv_scale[:, None] * inv_scale[None, :]
+        x = torch.cat(self.rows[name])
+        if inv_scale is not None:
+            x = x * inv_scale[None, :]
+        return x.T @ x / self.samples
 
     def clear(self) -> None:
         self.rows.clear()
@@ -360,8 +382,10 @@ def _decompose(model: nn.Module, cfg: BitStackPassConfig, chosen: dict[str, nn.L
     gains = {}
     for name, linear in progress_bar(list(chosen.items()), desc="bitstack decompose", disable=not progress):
         w = linear.weight.data.float()
-        mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed)
         inv = 1.0 / applied[name] if name in applied else None  # the layer now reads x / s
+        h = stats.hessian(watch[name], inv) if cfg.error_feedback else None
+        mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed,
+                                         hessian=h, damp=cfg.damp)
         gains[name] = _proxy_gains(mod, w, stats.energy(watch[name], inv))
         replace_module(model, name, mod)
     return gains

@@ -24,7 +24,7 @@ from quantkit.streaming import DELAY_ENV, JOURNAL, partial_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BITSTACK = {"pass": "bitstack", "n_blocks": 3, "rank": 4, "svd": "lowrank", "order": "proxy",
+BITSTACK = {"pass": "bitstack", "n_blocks": 3, "rank": 4, "svd": "lowrank", "order": "proxy", "error_feedback": True,
             "calib_samples": 3, "calib_seq_len": 48}
 
 

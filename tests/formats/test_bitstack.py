@@ -88,3 +88,77 @@ def test_lowrank_close_to_exact():
     e_exact = (bitstack.reconstruct(bitstack.quantize(w, 4, 8, "exact")) - w).norm()
     e_low = (bitstack.reconstruct(bitstack.quantize(w, 4, 8, "lowrank")) - w).norm()
     assert e_low < e_exact * 1.10
+
+
+# --- error-feedback signs (hessian=...) -------------------------------------------------------
+
+def _correlated_gram(n: int, seed: int) -> torch.Tensor:
+    """Gram XᵀX of inputs with strongly correlated channels (as LLM activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n + 8, 3, generator=g) @ torch.randn(3, n, generator=g) + 0.3 * torch.randn(4 * n + 8, n, generator=g)
+    return x.T @ x
+
+
+def _naive_feedback_signs(r, mag, h, damp):
+    """Column-by-column error feedback written from its definition (no grouped update): after
+    column c is signed, the remaining columns absorb its error through row c of chol(H⁻¹)ᵀ."""
+    u = bitstack._hinv_cholesky(h, damp)
+    w = r.clone()
+    s = torch.empty_like(r)
+    for c in range(r.shape[1]):
+        s[:, c] = torch.where(w[:, c] >= 0, 1.0, -1.0)
+        e = (w[:, c] - s[:, c] * mag[:, c]) / u[c, c]
+        w[:, c:] -= e[:, None] * u[c, c:][None, :]
+    return s
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (17, 33), (5, 70)])  # n below, at and past the column groups
+def test_feedback_signs_grouped_equals_naive(m, n):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    r = torch.randn(m, n, generator=g)
+    mag = r.abs().mean(1, keepdim=True) * torch.rand(1, n, generator=g) * 2
+    h = _correlated_gram(n, n)
+    fast = bitstack._feedback_signs(r, mag, bitstack._hinv_cholesky(h, 0.01), cols=8)
+    assert torch.equal(fast, _naive_feedback_signs(r, mag, h, 0.01))
+
+
+def test_identity_hessian_gives_the_reference_signs():
+    """With H = I the feedback is zero (chol(H⁻¹) is diagonal): bit-identical to hessian=None."""
+    w = torch.randn(20, 13) * torch.rand(1, 13)
+    a = bitstack.quantize(w, n_blocks=3, rank=2, hessian=torch.eye(13))
+    b = bitstack.quantize(w, n_blocks=3, rank=2)
+    assert torch.equal(a.signs, b.signs) and torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+
+
+def test_hessian_bad_input():
+    w = torch.randn(4, 5)
+    with pytest.raises(FormatError, match="Hessian"):
+        bitstack.quantize(w, hessian=torch.eye(4))
+    with pytest.raises(FormatError, match="Hessian"):
+        bitstack.quantize(w, hessian=torch.full((5, 5), float("nan")))
+    with pytest.raises(FormatError, match="damp"):
+        bitstack.quantize(w, hessian=torch.eye(5), damp=0.0)
+
+
+def test_dead_channels_are_tolerated():
+    h = _correlated_gram(9, 1)
+    h[3, :] = 0
+    h[:, 3] = 0  # a channel that never fired
+    q = bitstack.quantize(torch.randn(6, 9), n_blocks=2, rank=2, hessian=h)
+    assert torch.isfinite(bitstack.reconstruct(q)).all()
+
+
+# quality: the output error tr(E H Eᵀ) the feedback minimises
+
+def test_feedback_lowers_output_error_at_every_prefix():
+    torch.manual_seed(2)
+    m, n = 64, 48
+    w = torch.randn(m, n) * torch.rand(1, n) * 2
+    h = _correlated_gram(n, 7)
+    out_err = lambda q, b: float((((w - bitstack.reconstruct(q, b)) @ h) * (w - bitstack.reconstruct(q, b))).sum())
+    plain = bitstack.quantize(w, n_blocks=4, rank=4)
+    fed = bitstack.quantize(w, n_blocks=4, rank=4, hessian=h)
+    ratios = [out_err(fed, b) / out_err(plain, b) for b in range(1, 5)]
+    # measured on this draw: 0.22 0.30 0.45 0.35 (SmolLM2-135M, all layers: 0.43-0.46 at 2-4 blocks);
+    # the bound only asks for a clear gain
+    assert all(r < 0.7 for r in ratios), ratios

@@ -155,9 +155,7 @@ class _Stats:
         """E ↦ tr(E H Eᵀ) for H the (scaled) input Gram per sample of watched input ``name``;
         ``inv_scale`` [d] (or None) is 1/s when the layer now reads x / s."""
         if name in self.xtx:
-            h = self.xtx[name] / self.samples
-            if inv_scale is not None:
-                h = h * inv_scale[:, None] * inv_scale[None, :]
+            h = self.hessian(name, inv_scale)
             return lambda e: float(((e @ h) * e).sum())
         x = torch.cat(self.rows[name])
         if inv_scale is not None:

@@ -215,14 +215,15 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
     signs, us, vs = [], [], []
     for _ in range(n_blocks):
         u, v = _rank_k_factors(r.abs(), rank, svd, g)
+        mag = u @ v
         if hinv_u is None:
             s = torch.where(r >= 0, 1.0, -1.0)
         else:
-            s = _feedback_signs(r, u @ v, hinv_u)
+            s = _feedback_signs(r, mag, hinv_u)
         signs.append(pack_signs(s))
         us.append(u.half())
         vs.append(v.half())
-        r -= s * (u @ v)  # fp32 u, v: the residual tracks what the fp32 factors explain
+        r -= s * mag  # fp32 u, v: the residual tracks what the fp32 factors explain
     return BitStackBlocks(torch.stack(signs), torch.stack(us), torch.stack(vs))
 
 

@@ -37,7 +37,7 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     rounding (relative 2^-9 per weight for bf16, 2^-12 for fp16; fp16 weights beyond
     +-65504 become inf, as W.to(torch.float16) does). Small batches (the fused decode kernel)
     keep fp32 weights for every dtype.
-bitstack_dequantize(signs, u, v) / bitstack_linear(x, signs, u, v, bias?)
+bitstack_dequantize(signs, u, v, scale?) / bitstack_linear(x, signs, u, v, bias?, scale?)
     BitStack residual blocks; documented in the BitStack section below.
 """
 
@@ -267,24 +267,29 @@ torch.library.register_autograd("quantkit::intk_linear", _intk_linear_backward,
 # ----------------------------------------------------------------------------------------
 # BitStack (quantkit/formats/bitstack.py): b residual blocks, each S_i ⊙ (u_i v_i)
 # ----------------------------------------------------------------------------------------
-# bitstack_dequantize(signs, u, v) -> Tensor
-#     signs uint8 [b, m, ceil(n/8)] (bit 1 = +1, MSB first per row), u fp16 [b, m, k],
-#     v fp16 [b, k, n]; returns fp32 [m, n] = Σ_i S_i ⊙ (u_i v_i) (u, v read as fp32).
-# bitstack_linear(x, signs, u, v, bias?) -> Tensor
+# bitstack_dequantize(signs, u, v, scale?) -> Tensor
+#     signs uint8 [b, m, ceil(n/8)] (bit 1 = +1, MSB first per row); factors either u fp16
+#     [b, m, k], v fp16 [b, k, n] and no scale, or u int8 [b, m, k], v int8 [b, k, n] and
+#     scale fp32 [b, k] (u_i v_i = Σ_j scale[i, j] u_i[:, j] ⊗ v_i[j, :]); returns fp32 [m, n]
+#     = Σ_i S_i ⊙ (u_i v_i).
+# bitstack_linear(x, signs, u, v, bias?, scale?) -> Tensor
 #     x [..., n] fp32/bf16/fp16 -> [..., m] in x.dtype; y = x @ Ŵᵀ + bias with Ŵ the
 #     dequantized weight above, accumulated in fp32. The native CPU kernel never builds Ŵ for
 #     a few rows of x (decode): it uses y_r = Σ_i Σ_j u_i[r,j] Σ_c S_i[r,c] v_i[j,c] x_c
 #     (csrc/cpu/bitstack_linear.cpp); above a row threshold it rebuilds Ŵ and runs a GEMM.
-_lib.define("bitstack_dequantize(Tensor signs, Tensor u, Tensor v) -> Tensor")
-_lib.define("bitstack_linear(Tensor x, Tensor signs, Tensor u, Tensor v, Tensor? bias) -> Tensor")
+_lib.define("bitstack_dequantize(Tensor signs, Tensor u, Tensor v, Tensor? scale=None) -> Tensor")
+_lib.define("bitstack_linear(Tensor x, Tensor signs, Tensor u, Tensor v, Tensor? bias, Tensor? scale=None) -> Tensor")
 
 
-def _check_bitstack_args(signs, u, v) -> None:
+def _check_bitstack_args(signs, u, v, scale=None) -> None:
     torch._check(signs.dim() == 3 and u.dim() == 3 and v.dim() == 3,
                  lambda: f"bitstack: signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got "
                          f"{list(signs.shape)}, {list(u.shape)}, {list(v.shape)}")
-    torch._check(signs.dtype == torch.uint8 and u.dtype == torch.float16 and v.dtype == torch.float16,
-                 lambda: f"bitstack: signs must be uint8 and u, v float16; got {signs.dtype}, {u.dtype}, {v.dtype}")
+    fp16 = u.dtype == torch.float16 and v.dtype == torch.float16 and scale is None
+    int8 = u.dtype == torch.int8 and v.dtype == torch.int8 and scale is not None
+    torch._check(signs.dtype == torch.uint8 and (fp16 or int8),
+                 lambda: f"bitstack: signs must be uint8 and u, v float16 (no scale) or int8 (with an fp32 scale); got "
+                         f"{signs.dtype}, {u.dtype}, {v.dtype}, scale {None if scale is None else scale.dtype}")
     b, m, k = u.shape
     n = v.shape[2]
     torch._check(b >= 1 and signs.shape[0] == b and v.shape[0] == b,
@@ -293,23 +298,26 @@ def _check_bitstack_args(signs, u, v) -> None:
     torch._check(signs.shape[1] == m and signs.shape[2] == (n + 7) // 8,
                  lambda: f"bitstack: signs is {list(signs.shape)} but an m={m} x n={n} weight needs "
                          f"[{b}, {m}, {(n + 7) // 8}]")
+    if scale is not None:
+        torch._check(scale.dtype == torch.float32 and tuple(scale.shape) == (b, k),
+                     lambda: f"bitstack: scale must be fp32 [{b}, {k}], got {scale.dtype} {list(scale.shape)}")
 
 
-def bitstack_dequantize_reference(signs, u, v):
+def bitstack_dequantize_reference(signs, u, v, scale=None):
     """Pure-torch reference: Σ_i S_i ⊙ (u_i v_i), fp32 [m, n]."""
     from quantkit.formats.bitstack import BitStackBlocks, reconstruct
 
-    _check_bitstack_args(signs, u, v)
-    return reconstruct(BitStackBlocks(signs, u, v))
+    _check_bitstack_args(signs, u, v, scale)
+    return reconstruct(BitStackBlocks(signs, u, v, scale))
 
 
-def bitstack_linear_reference(x, signs, u, v, bias=None):
+def bitstack_linear_reference(x, signs, u, v, bias=None, scale=None):
     """Pure-torch reference: (x.float() @ Ŵᵀ + bias) in fp32, cast to x.dtype (Ŵ rebuilt)."""
-    _check_bitstack_args(signs, u, v)
+    _check_bitstack_args(signs, u, v, scale)
     torch._check(x.shape[-1] == v.shape[2],
                  lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
                          f"{u.shape[1]}x{v.shape[2]}")
-    y = x.float() @ bitstack_dequantize_reference(signs, u, v).T
+    y = x.float() @ bitstack_dequantize_reference(signs, u, v, scale).T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -320,14 +328,14 @@ _lib.impl("bitstack_linear", bitstack_linear_reference, "CompositeExplicitAutogr
 
 
 @torch.library.register_fake("quantkit::bitstack_dequantize")
-def _bitstack_dequantize_fake(signs, u, v):
-    _check_bitstack_args(signs, u, v)
+def _bitstack_dequantize_fake(signs, u, v, scale=None):
+    _check_bitstack_args(signs, u, v, scale)
     return u.new_empty((u.shape[1], v.shape[2]), dtype=torch.float32)
 
 
 @torch.library.register_fake("quantkit::bitstack_linear")
-def _bitstack_linear_fake(x, signs, u, v, bias):
-    _check_bitstack_args(signs, u, v)
+def _bitstack_linear_fake(x, signs, u, v, bias, scale=None):
+    _check_bitstack_args(signs, u, v, scale)
     torch._check(x.shape[-1] == v.shape[2],
                  lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
                          f"{u.shape[1]}x{v.shape[2]}")
@@ -336,21 +344,21 @@ def _bitstack_linear_fake(x, signs, u, v, bias):
 
 # Autograd for x and bias (the blocks are frozen): dx = dy @ Ŵ, dbias = Σ dy.
 def _bitstack_linear_setup_context(ctx, inputs, output):
-    x, signs, u, v, bias = inputs
-    ctx.save_for_backward(signs, u, v)
+    x, signs, u, v, bias, scale = inputs
+    ctx.save_for_backward(signs, u, v, scale)
     ctx.meta = (bias is not None, x.dtype)
 
 
 def _bitstack_linear_backward(ctx, grad):
-    signs, u, v = ctx.saved_tensors
+    signs, u, v, scale = ctx.saved_tensors
     has_bias, x_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.quantkit.bitstack_dequantize(signs, u, v)
+        w = torch.ops.quantkit.bitstack_dequantize(signs, u, v, scale)
         grad_x = (grad.float() @ w).to(x_dtype)
     if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, u.shape[1]).sum(0)
-    return grad_x, None, None, None, grad_bias
+    return grad_x, None, None, None, grad_bias, None
 
 
 torch.library.register_autograd("quantkit::bitstack_linear", _bitstack_linear_backward,

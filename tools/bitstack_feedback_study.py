@@ -23,7 +23,7 @@ import time
 import torch
 
 
-def _setup(calib_windows: int, pattern: str):
+def _setup(calib_windows: int, pattern: str, calib_text: str | None = None):
     import quantkit
     from quantkit.calibration import calib_source
     from quantkit.passes import bitstack as P
@@ -33,9 +33,13 @@ def _setup(calib_windows: int, pattern: str):
     model.eval()
     chosen = dict(select_linears(model, (pattern,), ("lm_head",), ""))
     watch = P._watch_points(model, chosen)
-    stats = P._calibrate(model, set(watch.values()), calib_source(model).batches(calib_windows, 512, seed=0),
+    stats = P._calibrate(model, set(watch.values()), calib_source(model, _read(calib_text)).batches(calib_windows, 512, seed=0),
                          gram=True, progress=False)
     return model, chosen, watch, stats
+
+
+def _read(path: str | None) -> str | None:
+    return None if path is None else open(path, encoding="utf-8").read()
 
 
 def uniform(args) -> None:
@@ -44,7 +48,7 @@ def uniform(args) -> None:
     from quantkit.models.text import default_text
     from quantkit.passes import bitstack as P
 
-    model, chosen, watch, stats = _setup(args.calib, "re:.*")
+    model, chosen, watch, stats = _setup(args.calib, "re:.*", args.calib_text)
     scales = {n: stats.norm_sum[watch[n]] / stats.samples + P.SCALE_EPS for n in chosen}
     applied = {}
     for layer in P._llama_layers(model):
@@ -79,7 +83,7 @@ def layers(args) -> None:
     from quantkit.passes import bitstack as P
 
     pattern = r"re:model\.layers\.(" + "|".join(str(i) for i in args.layers) + r")\..*"
-    model, chosen, watch, cal = _setup(args.calib, pattern)
+    model, chosen, watch, cal = _setup(args.calib, pattern, args.calib_text)
     unseen = CalibSource(model._quantkit_tokenizer, default_text("eval")).batches(8, 512, seed=1)
     ev = P._calibrate(model, set(watch.values()), unseen, gram=True, progress=False)
     for name, lin in chosen.items():
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
     for name in ("uniform", "layers"):
         p = sub.add_parser(name)
         p.add_argument("--calib", type=int, default=48, help="calibration windows of 512 tokens (shipped excerpt: <= 52)")
+        p.add_argument("--calib-text", help="calibration text file (default: the shipped excerpt)")
         p.add_argument("--damp", type=float, default=0.3)
         p.add_argument("--rank", type=int, default=4)
         p.add_argument("--svd", default="exact", choices=("exact", "lowrank"))

@@ -72,6 +72,20 @@ void half_to_float(const uint16_t* src, int64_t count, float* dst) {
   });
 }
 
+// ---- int8 factors -> fp32 once per call; u takes the per-(block, component) scale -------
+void int8_factors_to_float(const BitStackWeight& w, float* uf, float* vf) {
+  const int64_t b = w.b, m = w.m, n = w.n, k = w.k;
+  at::parallel_for(0, b * m, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k)), [&](int64_t a, int64_t e) {
+    for (int64_t row = a; row < e; ++row) {
+      const float* sc = w.scale + (row / m) * k;
+      for (int64_t j = 0; j < k; ++j) uf[row * k + j] = static_cast<float>(w.u8[row * k + j]) * sc[j];
+    }
+  });
+  at::parallel_for(0, b * k * n, 1 << 16, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) vf[i] = static_cast<float>(w.v8[i]);
+  });
+}
+
 // ---- table build: T_g for groups [g0, g1) of one block -----------------------------------
 // K = k when known at compile time (16: one zmm per k-vector), 0 = runtime k.
 template <int K>
@@ -253,7 +267,7 @@ void bitstack_gemv(const BitStackWeight& w, const void* x, DType xt, int64_t row
                    void* y) {
   const int64_t b = w.b, m = w.m, n = w.n, k = w.k;
   const int64_t nbytes = (n + 7) / 8, n4 = 2 * nbytes;
-  // fp32 copies of u and v for this call (reused by every token). Scratch lives in
+  // fp32 copies of u and v for this call (reused by every token; int8 factors times scale). Scratch lives in
   // thread_local vectors that only grow, so a decode step neither page-faults nor zeroes
   // ~1 MB of tables per call (measured: that alone doubled the time of a 1536x576 GEMV).
   static thread_local std::vector<float> uf, vf, xf, lut, yf;
@@ -272,8 +286,12 @@ void bitstack_gemv(const BitStackWeight& w, const void* x, DType xt, int64_t row
   float* const xfp = xf.data();
   float* const lutp = lut.data();
   float* const yfp = yf.data();
-  half_to_float(w.u, b * m * k, ufp);
-  half_to_float(w.v, b * k * n, vfp);
+  if (w.scale != nullptr) {
+    int8_factors_to_float(w, ufp, vfp);
+  } else {
+    half_to_float(w.u, b * m * k, ufp);
+    half_to_float(w.v, b * k * n, vfp);
+  }
   const int64_t groups = b * n4;
   const int64_t group_grain = std::max<int64_t>(1, 4096 / (16 * k));
   const int64_t row_grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, b * nbytes * 2));

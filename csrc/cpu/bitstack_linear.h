@@ -3,9 +3,9 @@
 // Weight layout (quantkit/formats/bitstack.py): b residual blocks of an [m, n] weight,
 //   signs uint8 [b, m, nbytes], nbytes = ceil(n/8): column c of row r is bit (7 - c%8) of
 //         byte c/8 (MSB first), 1 = +1, 0 = -1; padding bits are 0
-//   u     fp16  [b, m, k]
-//   v     fp16  [b, k, n]
-// W = sum_i S_i (.) (u_i v_i).
+//   u     fp16  [b, m, k]   or int8 [b, m, k] with scale fp32 [b, k]
+//   v     fp16  [b, k, n]   or int8 [b, k, n]
+// W = sum_i S_i (.) (u_i v_i); with int8 factors u_i v_i = sum_j scale[i, j] u_i[:, j] v_i[j, :].
 #pragma once
 
 #include <cstdint>
@@ -17,8 +17,11 @@ namespace cpu {
 
 struct BitStackWeight {
   const uint8_t* signs;  // uint8 [b, m, nbytes]
-  const uint16_t* u;     // fp16 bit patterns [b, m, k]
-  const uint16_t* v;     // fp16 bit patterns [b, k, n]
+  const uint16_t* u;     // fp16 bit patterns [b, m, k] (nullptr with int8 factors)
+  const uint16_t* v;     // fp16 bit patterns [b, k, n] (nullptr with int8 factors)
+  const int8_t* u8;      // int8 [b, m, k] (nullptr with fp16 factors)
+  const int8_t* v8;      // int8 [b, k, n] (nullptr with fp16 factors)
+  const float* scale;    // fp32 [b, k] for int8 factors, else nullptr
   int64_t b;             // blocks
   int64_t m;             // out_features (rows of W)
   int64_t n;             // in_features (columns of W)

@@ -28,11 +28,16 @@ namespace {
 constexpr int kRows = 128;   // output rows per thread block (one per thread)
 constexpr int kChunk = 128;  // columns of Z staged in shared memory per step
 
-template <int K>
+__device__ __forceinline__ float factor_to_float(__half f) { return __half2float(f); }
+__device__ __forceinline__ float factor_to_float(int8_t f) { return static_cast<float>(f); }
+
+// F = __half (scale == nullptr) or int8_t (scale [b, K]: u's component j times scale[i, j]).
+template <int K, typename F>
 __global__ void __launch_bounds__(kRows) bitstack_gemv_kernel(
     const uint8_t* __restrict__ signs,  // [b, m, nbytes]
-    const __half* __restrict__ u,       // [b, m, K]
-    const __half* __restrict__ v,       // [b, K, n]
+    const F* __restrict__ u,            // [b, m, K]
+    const F* __restrict__ v,            // [b, K, n]
+    const float* __restrict__ scale,    // [b, K] or nullptr
     const float* __restrict__ x,        // [rows, n]
     const float* __restrict__ bias,     // [m] or nullptr
     float* __restrict__ y,              // [rows, m]
@@ -47,14 +52,14 @@ __global__ void __launch_bounds__(kRows) bitstack_gemv_kernel(
     float acc[K];
 #pragma unroll
     for (int j = 0; j < K; ++j) acc[j] = 0.f;
-    const __half* vi = v + static_cast<int64_t>(i) * K * n;
+    const F* vi = v + static_cast<int64_t>(i) * K * n;
     const uint8_t* row = signs + (static_cast<int64_t>(i) * m + r) * nbytes;
     for (int c0 = 0; c0 < n; c0 += kChunk) {
       __syncthreads();  // the previous chunk's readers are done
       // stage Z: element e = c * K + j, coalesced over c for each j in v's row-major layout
       for (int e = threadIdx.x; e < kChunk * K; e += kRows) {
         const int j = e / kChunk, c = e % kChunk, col = c0 + c;
-        z[c][j] = col < n ? __half2float(vi[static_cast<int64_t>(j) * n + col]) * xt[col] : 0.f;
+        z[c][j] = col < n ? factor_to_float(vi[static_cast<int64_t>(j) * n + col]) * xt[col] : 0.f;
       }
       __syncthreads();
       if (r < m) {
@@ -73,40 +78,58 @@ __global__ void __launch_bounds__(kRows) bitstack_gemv_kernel(
       }
     }
     if (r < m) {
-      const __half* ur = u + (static_cast<int64_t>(i) * m + r) * K;
+      const F* ur = u + (static_cast<int64_t>(i) * m + r) * K;
+      const float* si = scale ? scale + static_cast<int64_t>(i) * K : nullptr;
 #pragma unroll
-      for (int j = 0; j < K; ++j) total = fmaf(__half2float(ur[j]), acc[j], total);
+      for (int j = 0; j < K; ++j) {
+        const float uj = si ? factor_to_float(ur[j]) * si[j] : factor_to_float(ur[j]);
+        total = fmaf(uj, acc[j], total);
+      }
     }
   }
   if (r < m) y[static_cast<int64_t>(t) * m + r] = total + (bias ? bias[r] : 0.f);
 }
 
-template <int K>
-cudaError_t launch(const uint8_t* signs, const __half* u, const __half* v, const float* x, const float* bias, float* y,
-                   int64_t b, int64_t m, int64_t n, int64_t rows, cudaStream_t stream) {
+template <int K, typename F>
+cudaError_t launch(const uint8_t* signs, const F* u, const F* v, const float* scale, const float* x, const float* bias,
+                   float* y, int64_t b, int64_t m, int64_t n, int64_t rows, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((m + kRows - 1) / kRows), static_cast<unsigned>(rows));
-  bitstack_gemv_kernel<K><<<grid, kRows, 0, stream>>>(signs, u, v, x, bias, y, static_cast<int>(b),
-                                                       static_cast<int>(m), static_cast<int>(n));
+  bitstack_gemv_kernel<K, F><<<grid, kRows, 0, stream>>>(signs, u, v, scale, x, bias, y, static_cast<int>(b),
+                                                          static_cast<int>(m), static_cast<int>(n));
   return cudaGetLastError();
+}
+
+template <typename F>
+cudaError_t dispatch(const uint8_t* signs, const F* u, const F* v, const float* scale, const float* x,
+                     const float* bias, float* y, int64_t b, int64_t m, int64_t n, int64_t k, int64_t rows,
+                     cudaStream_t stream) {
+  // int32 indexing inside the kernel for m, n, b; grid.y <= 65535 rows
+  if (b < 1 || m < 1 || n < 1 || rows < 1 || rows > 65535 || m > (1 << 30) || n > (1 << 30) || b > 4096)
+    return cudaErrorInvalidValue;
+  switch (k) {
+    case 4: return launch<4, F>(signs, u, v, scale, x, bias, y, b, m, n, rows, stream);
+    case 8: return launch<8, F>(signs, u, v, scale, x, bias, y, b, m, n, rows, stream);
+    case 16: return launch<16, F>(signs, u, v, scale, x, bias, y, b, m, n, rows, stream);
+    case 32: return launch<32, F>(signs, u, v, scale, x, bias, y, b, m, n, rows, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
 cudaError_t bitstack_gemv(const uint8_t* signs, const __half* u, const __half* v, const float* x, const float* bias,
                           float* y, int64_t b, int64_t m, int64_t n, int64_t k, int64_t rows, cudaStream_t stream) {
-  // int32 indexing inside the kernel for m, n, b; grid.y <= 65535 rows
-  if (b < 1 || m < 1 || n < 1 || rows < 1 || rows > 65535 || m > (1 << 30) || n > (1 << 30) || b > 4096)
-    return cudaErrorInvalidValue;
-  switch (k) {
-    case 4: return launch<4>(signs, u, v, x, bias, y, b, m, n, rows, stream);
-    case 8: return launch<8>(signs, u, v, x, bias, y, b, m, n, rows, stream);
-    case 16: return launch<16>(signs, u, v, x, bias, y, b, m, n, rows, stream);
-    case 32: return launch<32>(signs, u, v, x, bias, y, b, m, n, rows, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch<__half>(signs, u, v, nullptr, x, bias, y, b, m, n, k, rows, stream);
 }
 
-// Explicit list of instantiations (bounds compile time): K = 4, 8, 16, 32 above.
+cudaError_t bitstack_gemv_int8(const uint8_t* signs, const int8_t* u, const int8_t* v, const float* scale,
+                               const float* x, const float* bias, float* y, int64_t b, int64_t m, int64_t n, int64_t k,
+                               int64_t rows, cudaStream_t stream) {
+  if (scale == nullptr) return cudaErrorInvalidValue;
+  return dispatch<int8_t>(signs, u, v, scale, x, bias, y, b, m, n, k, rows, stream);
+}
+
+// Explicit list of instantiations (bounds compile time): K = 4, 8, 16, 32 x {fp16, int8} above.
 
 }  // namespace cuda
 }  // namespace quantkit

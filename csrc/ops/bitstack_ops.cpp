@@ -1,4 +1,4 @@
-// CPU ops of the BitStack format (sign planes + low-rank fp16 factors; quantkit/formats/bitstack.py):
+// CPU ops of the BitStack format (sign planes + low-rank fp16 or int8 factors; quantkit/formats/bitstack.py):
 // checks and dispatch for torch.ops.quantkit.bitstack_dequantize / bitstack_linear; the
 // kernels are in csrc/cpu/bitstack_linear.cpp, the shared glue in csrc/ops/common.h.
 // BitStack names the weight m (out) x n (in), unlike the other formats' n x k.
@@ -22,13 +22,17 @@ int64_t bitstack_gemm_threshold() {
   return v;
 }
 
-cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v, const char* op) {
+cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& scale, const char* op) {
   TORCH_CHECK(signs.dim() == 3 && u.dim() == 3 && v.dim() == 3, op,
               ": signs, u, v must be 3-D [b, m, ceil(n/8)], [b, m, k], [b, k, n]; got ", signs.sizes(), ", ",
               u.sizes(), ", ", v.sizes());
-  TORCH_CHECK(signs.scalar_type() == at::kByte && u.scalar_type() == at::kHalf && v.scalar_type() == at::kHalf, op,
-              ": signs must be uint8 and u, v float16; got ", signs.scalar_type(), ", ", u.scalar_type(), ", ",
-              v.scalar_type());
+  const bool int8 = scale.has_value();
+  TORCH_CHECK(signs.scalar_type() == at::kByte &&
+                  (int8 ? (u.scalar_type() == at::kChar && v.scalar_type() == at::kChar)
+                        : (u.scalar_type() == at::kHalf && v.scalar_type() == at::kHalf)),
+              op, ": signs must be uint8 and u, v float16 (no scale) or int8 (with an fp32 scale); got ",
+              signs.scalar_type(), ", ", u.scalar_type(), ", ", v.scalar_type(), int8 ? " with a scale" : " without a scale");
   TORCH_CHECK(signs.device().is_cpu() && u.device().is_cpu() && v.device().is_cpu(), op,
               ": CPU kernel got tensors on ", signs.device(), "/", u.device(), "/", v.device());
   const int64_t b = u.size(0), m = u.size(1), k = u.size(2), n = v.size(2);
@@ -41,8 +45,18 @@ cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, 
               ": signs, u and v must be contiguous");
   cpu::BitStackWeight w{};
   w.signs = signs.data_ptr<uint8_t>();
-  w.u = reinterpret_cast<const uint16_t*>(u.data_ptr<at::Half>());
-  w.v = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+  if (int8) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == b &&
+                    scale->size(1) == k && scale->device().is_cpu() && scale->is_contiguous(),
+                op, ": scale must be a contiguous CPU fp32 [", b, ", ", k, "], got ", scale->scalar_type(), " ",
+                scale->sizes());
+    w.u8 = u.data_ptr<int8_t>();
+    w.v8 = v.data_ptr<int8_t>();
+    w.scale = scale->data_ptr<float>();
+  } else {
+    w.u = reinterpret_cast<const uint16_t*>(u.data_ptr<at::Half>());
+    w.v = reinterpret_cast<const uint16_t*>(v.data_ptr<at::Half>());
+  }
   w.b = b;
   w.m = m;
   w.n = n;
@@ -50,12 +64,15 @@ cpu::BitStackWeight make_bitstack(const at::Tensor& signs, const at::Tensor& u, 
   return w;
 }
 
-at::Tensor bitstack_dequantize_cpu(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v) {
-  const cpu::BitStackWeight w = make_bitstack(signs, u, v, "bitstack_dequantize");
+at::Tensor bitstack_dequantize_cpu(const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& scale) {
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, scale, "bitstack_dequantize");
   at::Tensor out = at::empty({w.m, w.n}, u.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   for (int64_t i = 0; i < w.b; ++i) {
-    const at::Tensor uv = at::mm(u[i].to(at::kFloat), v[i].to(at::kFloat)).contiguous();  // MKL, [m, n]
+    at::Tensor ui = u[i].to(at::kFloat);
+    if (scale.has_value()) ui = ui * (*scale)[i].unsqueeze(0);  // int8 codes times their component scale
+    const at::Tensor uv = at::mm(ui, v[i].to(at::kFloat)).contiguous();  // MKL, [m, n]
     cpu::bitstack_apply_signs(w.signs + i * w.m * ((w.n + 7) / 8), uv.data_ptr<float>(), w.m, w.n, i == 0,
                               out.data_ptr<float>());
   }
@@ -63,9 +80,9 @@ at::Tensor bitstack_dequantize_cpu(const at::Tensor& signs, const at::Tensor& u,
 }
 
 at::Tensor bitstack_linear_cpu(const at::Tensor& x, const at::Tensor& signs, const at::Tensor& u, const at::Tensor& v,
-                               const std::optional<at::Tensor>& bias) {
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale) {
   constexpr const char* op = "bitstack_linear";
-  const cpu::BitStackWeight w = make_bitstack(signs, u, v, op);
+  const cpu::BitStackWeight w = make_bitstack(signs, u, v, scale, op);
   check_x(x, w.m, w.n, op, "m", "n");
   const DType xt = to_dtype(x, op, "x");
   const int64_t rows = rows_of(x, w.n);
@@ -78,7 +95,7 @@ at::Tensor bitstack_linear_cpu(const at::Tensor& x, const at::Tensor& signs, con
   if (rows == 0 || w.m == 0 || w.n == 0 || rows > bitstack_gemm_threshold()) {
     // Prefill / large batch: rebuild W once and let MKL run the GEMM (the lookup kernel
     // rebuilds its tables per row of x, so its cost grows with rows).
-    at::Tensor wd = bitstack_dequantize_cpu(signs, u, v);
+    at::Tensor wd = bitstack_dequantize_cpu(signs, u, v, scale);
     at::Tensor y = at::matmul(x.to(at::kFloat), wd.t());
     if (bias.has_value()) y = y + bias->to(at::kFloat);
     return y.to(x.scalar_type());

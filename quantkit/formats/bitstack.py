@@ -27,9 +27,22 @@ Packed layout (what ``quantize`` returns and the ``quantkit::bitstack_linear`` o
                                     of row r is bit (7 − c % 8) of byte signs[i, r, c // 8]
                                     (the reference's bit order, but per row so a kernel
                                     can address a row's bytes directly)
-    u      fp16  [b, m, k]
+    u      fp16  [b, m, k]      (factor_dtype "float16", the reference's)
     v      fp16  [b, k, n]
-Bytes per block: m·ceil(n/8) + 2·k·(m + n), i.e. ≈ 1 + 16·k·(m+n)/(m·n) bits/weight.
+  or, with factor_dtype "int8" (ours, format version 2):
+    u      int8  [b, m, k]      symmetric, −127..127
+    v      int8  [b, k, n]
+    scale  fp32  [b, k]         u_i v_i = Σ_j scale[i, j] · u[i, :, j] ⊗ v[i, j, :]
+Bytes per block: m·ceil(n/8) + 2·k·(m + n) (fp16 factors), i.e. ≈ 1 + 16·k·(m+n)/(m·n)
+bits/weight; m·ceil(n/8) + k·(m + n) + 4·k with int8 factors (≈ 1 + 8·k·(m+n)/(m·n)).
+
+Why int8 factors: on SmolLM2-135M's small matrices the fp16 factors of a rank-4 block are
+0.15–0.44 bits/weight of its ≈ 1.18; int8 halves that, so the same memory holds ≈ 8 % more
+blocks, and the factors are quantized *before* the signs are chosen, so the error feedback
+and the next block absorb their rounding (measured: no perplexity change at equal blocks;
+docs/benchmarks.md, round 4). Per rank component j, u's column and v's row each get a
+max-abs scale (su_j, sv_j) and ``scale`` stores the product su_j · sv_j. 4-bit factors were
+measured too and fail (a few outlier columns of the scaled weight set the max).
 
 Nothing here knows about models; ``quantkit.nn.BitStackLinear`` holds the packed tensors.
 """
@@ -43,7 +56,8 @@ import torch
 from quantkit.errors import FormatError
 
 FORMAT_NAME = "bitstack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2 added int8 factors; fp16-factor artifacts are still written as 1
+FACTOR_DTYPES = ("float16", "int8")
 SVD_METHODS = ("exact", "lowrank")
 # torch.svd_lowrank settings for svd="lowrank": oversampling of the random range finder
 # and power iterations (|R| has a dominant first singular value, so 2 iterations suffice;
@@ -59,8 +73,13 @@ class BitStackBlocks:
     """Packed blocks of one weight (see the module docstring for shapes and bit order)."""
 
     signs: torch.Tensor  # uint8 [b, m, ceil(n/8)]
-    u: torch.Tensor      # fp16 [b, m, k]
-    v: torch.Tensor      # fp16 [b, k, n]
+    u: torch.Tensor      # fp16 [b, m, k], or int8 with ``scale``
+    v: torch.Tensor      # fp16 [b, k, n], or int8 with ``scale``
+    scale: torch.Tensor | None = None  # fp32 [b, k] for int8 factors, else None
+
+    @property
+    def factor_dtype(self) -> str:
+        return "int8" if self.u.dtype == torch.int8 else "float16"
 
     @property
     def n_blocks(self) -> int:
@@ -78,12 +97,37 @@ class BitStackBlocks:
         """The first ``b`` blocks (views, no copy)."""
         if not 1 <= b <= self.n_blocks:
             raise FormatError(f"need 1 <= b <= {self.n_blocks} blocks, got {b}")
-        return BitStackBlocks(self.signs[:b], self.u[:b], self.v[:b])
+        return BitStackBlocks(self.signs[:b], self.u[:b], self.v[:b],
+                              None if self.scale is None else self.scale[:b])
+
+    def factors_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [b, m, k], v [b, k, n] in fp32 with u_i v_i the block magnitudes (the int8
+        scale folded into u)."""
+        if self.scale is None:
+            return self.u.float(), self.v.float()
+        return self.u.float() * self.scale.float()[:, None, :], self.v.float()
 
 
-def block_bytes(m: int, n: int, k: int) -> int:
-    """Bytes one residual block of an [m, n] weight at rank k occupies (signs + fp16 u, v)."""
+def block_bytes(m: int, n: int, k: int, factor_dtype: str = "float16") -> int:
+    """Bytes one residual block of an [m, n] weight at rank k occupies (signs + u, v [+ scale])."""
+    if factor_dtype not in FACTOR_DTYPES:
+        raise FormatError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {factor_dtype!r}")
+    if factor_dtype == "int8":
+        return m * ((n + 7) // 8) + k * (m + n) + 4 * k
     return m * ((n + 7) // 8) + 2 * k * (m + n)
+
+
+def quantize_factors(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 u [m, k], v [k, n] -> int8 u_q [m, k], int8 v_q [k, n], fp32 scale [k] with
+    u v ≈ Σ_j scale[j] u_q[:, j] ⊗ v_q[j, :] (per-component symmetric max-abs, −127..127).
+
+    A component that is all zero gets scale 0 (and zero codes)."""
+    su = u.abs().amax(dim=0) / 127.0  # [k]
+    sv = v.abs().amax(dim=1) / 127.0  # [k]
+    uq = torch.where(su > 0, u / torch.where(su > 0, su, 1.0), 0.0).round().clamp(-127, 127).to(torch.int8)
+    vq = (torch.where(sv[:, None] > 0, v / torch.where(sv > 0, sv, 1.0)[:, None], 0.0)
+          .round().clamp(-127, 127).to(torch.int8))
+    return uq, vq, (su * sv).float()
 
 
 def pack_signs(s: torch.Tensor) -> torch.Tensor:
@@ -182,7 +226,8 @@ def _feedback_signs(r: torch.Tensor, mag: torch.Tensor, hinv_u: torch.Tensor, co
 
 
 def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "exact",
-             seed: int = 0, hessian: torch.Tensor | None = None, damp: float = 0.01) -> BitStackBlocks:
+             seed: int = 0, hessian: torch.Tensor | None = None, damp: float = 0.01,
+             factor_dtype: str = "float16") -> BitStackBlocks:
     """Decompose ``w`` [m, n] (any float dtype, read as fp32) into ``n_blocks`` residual blocks.
 
     rank: k, the SVD rank per block (clipped to min(m, n); the stored u/v then have that
@@ -192,6 +237,8 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
     Σ xᵀx of the inputs x [*, n] this weight multiplies (any positive scale): the signs then
     minimise each block's output error with error feedback (module docstring); ``damp`` is
     the diagonal damping added to H as a fraction of its mean diagonal.
+    factor_dtype: "float16" (the reference) or "int8" (factors quantized before the signs are
+    chosen, so the residual passed on is exactly what the stored factors leave).
     """
     if w.dim() != 2:
         raise FormatError(f"bitstack decomposes 2-D weights, got shape {list(w.shape)}")
@@ -199,6 +246,8 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
         raise FormatError(f"n_blocks and rank must be >= 1, got {n_blocks} and {rank}")
     if svd not in SVD_METHODS:
         raise FormatError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
+    if factor_dtype not in FACTOR_DTYPES:
+        raise FormatError(f"factor_dtype must be one of {', '.join(FACTOR_DTYPES)}, got {factor_dtype!r}")
     r = w.detach().float().clone()
     if not torch.isfinite(r).all():
         raise FormatError("bitstack: the weight holds NaN or Inf")
@@ -212,25 +261,36 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
             raise FormatError(f"bitstack: damp must be > 0, got {damp}")
         hinv_u = _hinv_cholesky(hessian, damp)
     g = torch.Generator().manual_seed(seed)
-    signs, us, vs = [], [], []
+    signs, us, vs, scales = [], [], [], []
     for _ in range(n_blocks):
         u, v = _rank_k_factors(r.abs(), rank, svd, g)
+        if factor_dtype == "int8":
+            uq, vq, sc = quantize_factors(u, v)
+            scales.append(sc)
+            u, v = uq.float() * sc[None, :], vq.float()  # what the stored factors give back
+            us.append(uq)
+            vs.append(vq)
+        else:
+            us.append(u.half())
+            vs.append(v.half())
         mag = u @ v
         if hinv_u is None:
             s = torch.where(r >= 0, 1.0, -1.0)
         else:
             s = _feedback_signs(r, mag, hinv_u)
         signs.append(pack_signs(s))
-        us.append(u.half())
-        vs.append(v.half())
-        r -= s * mag  # fp32 u, v: the residual tracks what the fp32 factors explain
-    return BitStackBlocks(torch.stack(signs), torch.stack(us), torch.stack(vs))
+        # fp16: the fp32 u, v (as the reference); int8: exactly the stored factors
+        r -= s * mag
+    return BitStackBlocks(torch.stack(signs), torch.stack(us), torch.stack(vs),
+                          torch.stack(scales) if scales else None)
 
 
 def reconstruct(blocks: BitStackBlocks, b: int | None = None) -> torch.Tensor:
-    """Reference: Ŵ = Σ_{i<b} S_i ⊙ (u_i v_i) in fp32 [m, n] from the stored (fp16) factors."""
+    """Reference: Ŵ = Σ_{i<b} S_i ⊙ (u_i v_i) in fp32 [m, n] from the stored factors
+    (fp16 read as fp32, or int8 times their scale)."""
     b = blocks.n_blocks if b is None else b
     p = blocks.prefix(b)
     m, n = p.shape
     s = unpack_signs(p.signs, n)  # [b, m, n]
-    return (s * torch.bmm(p.u.float(), p.v.float())).sum(0)
+    u, v = p.factors_fp32()
+    return (s * torch.bmm(u, v)).sum(0)

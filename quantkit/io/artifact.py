@@ -388,7 +388,8 @@ def fixed_bytes(model: nn.Module, info: dict) -> int:
     from quantkit.io.safetensors_check import DTYPE_BITS
     from quantkit.nn.bitstack_linear import BitStackLinear
 
-    skip = {id(t) for m in model.modules() if isinstance(m, BitStackLinear) for t in (m.signs, m.u, m.v)}
+    skip = {id(t) for m in model.modules() if isinstance(m, BitStackLinear) for t in (m.signs, m.u, m.v, m.scale)
+            if t is not None}
     total, seen = 0, set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in skip or id(t) in seen:

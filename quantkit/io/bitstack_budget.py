@@ -4,7 +4,7 @@ Memory accounting ("every byte the loaded model holds"): the sum of ``numel * el
 over the loaded model's parameters and buffers, each storage counted once (tied embedding
 and head count once), including non-persistent buffers such as rotary ``inv_freq``.
 Activations, the KV cache, Python objects and allocator slack are not counted. For a
-BitStack layer that is its loaded blocks (signs + fp16 u, v: ``block_bytes`` each) plus
+BitStack layer that is its loaded blocks (signs + u, v [+ scale]: ``block_bytes`` each) plus
 its bias; every other tensor (embeddings, norms, head, any non-BitStack layer) is counted
 at its stored size.
 
@@ -25,7 +25,8 @@ from typing import Union
 from quantkit.errors import FormatError, UsageError
 
 FORMAT = "bitstack"
-PACKED_KEYS = ("weight", "weight.u", "weight.v")  # tensors of a BitStack module, [n_blocks, ...] each
+# tensors of a BitStack module, [n_blocks, ...] each ("weight.scale" only with int8 factors)
+PACKED_KEYS = ("weight", "weight.u", "weight.v", "weight.scale")
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -10,7 +10,7 @@ translates), followed by a MatMul:
               codes --(Sub offset, Mul scale[N])--> W fp32 [N, K] --MatMul--> y
     dualbin   plane1/plane2 uint8 [N, G*group/8] --BitShift/BitwiseAnd--> {0,1} planes -->
               W = alpha1*b1 + alpha2*b2 (alphas fp16 -> fp32) --MatMul--> y
-    bitstack  signs uint8 [b, m, ceil(n/8)] --> ±1 planes; W = Σ_i S_i ⊙ (u_i v_i) (u, v fp16
+    bitstack  signs uint8 [b, m, ceil(n/8)] --> ±1 planes; W = Σ_i S_i ⊙ (u_i v_i) (u, v fp16, or int8 × scale
               -> fp32) --MatMul--> y
 
 The dequantize runs inside the graph on every call (ONNX Runtime constant-folds nothing
@@ -88,6 +88,11 @@ def _bitstack_weight(signs, u, v):
     return (s * torch.bmm(u.float(), v.float())).sum(0)
 
 
+def _bitstack_int8_weight(signs, u, v, scale):
+    """The same with int8 factors: u_i's component j times scale[i, j]."""
+    return _bitstack_weight(signs, u.float() * scale.unsqueeze(1), v)
+
+
 def intk_graph(module) -> nn.Module:
     s = module.state
     return DequantMatMul(_intk_weight, ("packed", "scale"), (module.weight, module.weight_scale),
@@ -103,4 +108,7 @@ def dualbin_graph(module) -> nn.Module:
 
 def bitstack_graph(module) -> nn.Module:
     p = module.packed()  # the blocks this model holds (all, or those a memory budget loaded)
+    if p.scale is not None:
+        return DequantMatMul(_bitstack_int8_weight, ("signs", "u", "v", "scale"), (p.signs, p.u, p.v, p.scale), (),
+                             module.bias)
     return DequantMatMul(_bitstack_weight, ("signs", "u", "v"), (p.signs, p.u, p.v), (), module.bias)

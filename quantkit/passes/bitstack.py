@@ -66,7 +66,8 @@ class BitStackPassConfig:
     targets / ignore: module-name patterns of the linears to decompose (default: every
         Linear except the output head; the reference decomposes q/k/v/o/gate/up/down).
     n_blocks: residual blocks stored per layer (16 in the reference); any prefix loads.
-    rank: k, the SVD rank per block (16); each block costs m·n/8 + 2k(m+n) bytes.
+    rank: k, the SVD rank per block (16); each block costs m·n/8 + 2k(m+n) bytes (fp16
+        factors) or m·n/8 + k(m+n) + 4k (int8).
     svd: "exact" (torch.linalg.svd, as the reference) or "lowrank" (randomized, faster).
     scale: activation-aware scaling folded into the previous op (Llama-style decoder
         layers: self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj and the two norms).
@@ -81,6 +82,8 @@ class BitStackPassConfig:
         calibration input Gram, minimising the block's output error instead of its Frobenius
         error (quantkit/formats/bitstack.py); False = the reference's sign(residual).
     damp: diagonal damping of that Gram, as a fraction of its mean diagonal.
+    factor_dtype: storage of each block's rank-k factors: "float16" (the reference) or "int8"
+        (per-component scale; half the factor bytes, so more blocks per budget).
     seed: window draw and randomized-SVD seed.
     """
 
@@ -98,6 +101,7 @@ class BitStackPassConfig:
     ppl_levels: int = 1
     error_feedback: bool = False
     damp: float = 0.01
+    factor_dtype: Literal["float16", "int8"] = "float16"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -106,6 +110,9 @@ class BitStackPassConfig:
                 raise ValueError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.n_blocks > 64:
             raise ValueError(f"'n_blocks' must be <= 64, got {self.n_blocks}")
+        if self.factor_dtype not in bitstack.FACTOR_DTYPES:
+            raise ValueError(f"'factor_dtype' must be one of {', '.join(bitstack.FACTOR_DTYPES)}, "
+                             f"got {self.factor_dtype!r}")
         if not 0 < self.damp <= 1:
             raise ValueError(f"'damp' must be in (0, 1], got {self.damp}")
         if self.ppl_levels < 0:
@@ -383,7 +390,7 @@ def _decompose(model: nn.Module, cfg: BitStackPassConfig, chosen: dict[str, nn.L
         inv = 1.0 / applied[name] if name in applied else None  # the layer now reads x / s
         h = stats.hessian(watch[name], inv) if cfg.error_feedback else None
         mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed,
-                                         hessian=h, damp=cfg.damp)
+                                         hessian=h, damp=cfg.damp, factor_dtype=cfg.factor_dtype)
         gains[name] = _proxy_gains(mod, w, stats.energy(watch[name], inv))
         replace_module(model, name, mod)
     return gains

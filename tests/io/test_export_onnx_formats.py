@@ -51,11 +51,14 @@ def artifacts(tiny_llama_dir, tmp_path_factory):
                                                          "order": "proxy"}]}
     out["bitstack"] = quantkit.save(quantkit.compress(quantkit.load_model(tiny_llama_dir), bitstack,
                                                       progress=False), root / "bitstack")
+    bitstack["passes"][0]["factor_dtype"] = "int8"
+    out["bitstack_int8"] = quantkit.save(quantkit.compress(quantkit.load_model(tiny_llama_dir), bitstack,
+                                                           progress=False), root / "bitstack_int8")
     return out
 
 
 @pytest.mark.parametrize("name,contrib", [("int4", "MatMulNBits"), ("int3", None), ("w2seq", None),
-                                          ("dualbin", None), ("bitstack", None)])
+                                          ("dualbin", None), ("bitstack", None), ("bitstack_int8", None)])
 def test_ort_matches_quantkit(artifacts, tmp_path, name, contrib):
     out = artifacts[name]
     info = read_metadata(out)

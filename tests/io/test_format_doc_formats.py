@@ -15,7 +15,7 @@ from quantkit.io.artifact import read_metadata
 from quantkit.passes.targets import replace_module
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "format.md"
-ST_DTYPES = {"U8": "uint8", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+ST_DTYPES = {"U8": "uint8", "I8": "int8", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 P = "model.layers.0.self_attn.q_proj"  # a 64x64 layer of the tiny Llama
 
 
@@ -32,9 +32,10 @@ def _artifact(fmt, tiny_llama_dir, tmp_path):
     if fmt == "dualbin":
         from quantkit.nn import DualBinLinear
         mod = DualBinLinear.from_linear(lin)
-    elif fmt == "bitstack":
+    elif fmt.startswith("bitstack"):
         from quantkit.nn import BitStackLinear
-        mod = BitStackLinear.from_weight(lin.weight.data, None, n_blocks=3, rank=4)
+        mod = BitStackLinear.from_weight(lin.weight.data, None, n_blocks=3, rank=4,
+                                         factor_dtype="int8" if fmt == "bitstack-int8" else "float16")
         mod.order = [0, 1]
     else:
         from quantkit.formats import intk
@@ -47,17 +48,19 @@ def _artifact(fmt, tiny_llama_dir, tmp_path):
     return read_metadata(quantkit.save(model, tmp_path / fmt))
 
 
-@pytest.mark.parametrize("fmt", ["intk", "dualbin", "bitstack"])
+@pytest.mark.parametrize("fmt", ["intk", "dualbin", "bitstack", "bitstack-int8"])
 def test_doc_keys_exist_in_real_artifact(fmt, tiny_llama_dir, tmp_path):
     info = _artifact(fmt, tiny_llama_dir, tmp_path)
     spec = info["modules"][P]
-    assert spec["format"] == fmt
+    assert spec["format"] == fmt.split("-")[0]
     N, K = spec["out_features"], spec["in_features"]
     names = {"N": N, "K": K, "m": N, "n": K, "bits": spec.get("bits"), "group": spec.get("group"),
              "G": math.ceil(K / spec["group"]) if spec.get("group") else None,
              "B": spec.get("n_blocks"), "k": spec.get("rank"), "ceil": math.ceil}
-    section = _section(fmt)
+    section = _section(spec["format"])
     rows = re.findall(r"^\|\s*`(L\.[^`]+)`(.*)$", section, flags=re.M)
+    if fmt == "bitstack":  # fp16 factors: the int8-only rows are not stored
+        rows = [(t, r) for t, r in rows if "int8 factors only" not in r]
     assert len(rows) >= 2
     stored = {k[len(P) + 1:] for k in info["tensors"] if k.startswith(P + ".")}
     assert stored == {t[2:] for t, _ in rows if t != "L.bias"}, (stored, rows)

@@ -32,10 +32,11 @@ def fp_model(tiny_llama_dir):
     return quantkit.load_model(tiny_llama_dir)
 
 
-@pytest.fixture(scope="module")
-def bs_dir(fp_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def bs_dir(fp_model, tmp_path_factory, request):
+    """A proxy-ordered artifact, with fp16 and with int8 block factors (every budget test runs on both)."""
     out = tmp_path_factory.mktemp("bs") / "out"
-    quantkit.save(quantkit.compress(fp_model, _recipe(), progress=False), out)
+    quantkit.save(quantkit.compress(fp_model, _recipe(factor_dtype=request.param), progress=False), out)
     return out
 
 
@@ -121,7 +122,7 @@ def test_shipped_recipe_is_the_measured_default():
     cfg = quantkit.load_recipe("bitstack").passes[0].config
     assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 3)
     assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 128, 48, 512)
-    assert (cfg.error_feedback, cfg.damp) == (True, 0.3)
+    assert (cfg.error_feedback, cfg.damp, cfg.factor_dtype) == (True, 0.3, "int8")
 
 
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):
@@ -159,6 +160,7 @@ def test_budget_loads_only_first_blocks(bs_dir):
             assert b.signs.shape[0] == b.n_loaded
             assert torch.equal(b.signs, a.signs[:b.n_loaded]) and torch.equal(b.u, a.u[:b.n_loaded])
             assert torch.equal(b.v, a.v[:b.n_loaded])
+            assert (a.scale is None and b.scale is None) or torch.equal(b.scale, a.scale[:b.n_loaded])
     assert 1 < sum(counts) / len(counts) < N_BLOCKS
 
 
@@ -206,6 +208,10 @@ def test_bad_config():
             quantkit.load_recipe(_recipe(damp=bad))
     with pytest.raises(RecipeError, match="error_feedback"):
         quantkit.load_recipe(_recipe(error_feedback="yes"))
+    with pytest.raises((RecipeError, ValueError), match="factor_dtype"):
+        quantkit.load_recipe(_recipe(factor_dtype="int4"))
+    with pytest.raises(ValueError, match="factor_dtype.*float16, int8"):
+        bs_pass.BitStackPassConfig(factor_dtype="bfloat16")
 
 
 

@@ -7,6 +7,8 @@ of many calls after warmup):
   rebuild    bitstack_dequantize (Ŵ = Σ S_i ⊙ u_i v_i, rebuilt every call, as the reference
              implementation's forward does) + F.linear
   dense fp32 F.linear on a dense fp32 weight of the same shape
+  int8       the lookup path with int8 factors (factor_dtype "int8", format version 2), and
+             its time over the fp16-factor lookup's
 and prints a markdown table with the ratios measured in the same run. Blocks come from a
 real decomposition (rank 16) of a random weight; the kernel's speed does not depend on values.
 
@@ -50,26 +52,33 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     lines = [f"CPU: {cpu_model()}, {args.threads} threads, ISA {_C.bitstack_cpu_isa()}, 1-min load at start "
              f"{load:.2f}, rank {args.rank}; times in ms (median)", "",
-             "| m x n | blocks | rows | lookup | rebuild + F.linear | dense fp32 | rebuild / lookup | dense / lookup |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| m x n | blocks | rows | lookup | rebuild + F.linear | dense fp32 | rebuild / lookup | dense / lookup "
+             "| lookup, int8 factors | int8 / fp16 lookup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     max_b = max(int(b) for b in args.blocks.split(","))
     for shape in args.shapes.split(","):
         m, n = map(int, shape.split("x"))
         torch.manual_seed(0)
         w = torch.randn(m, n)
         q = bitstack.quantize(w, max_b, args.rank, svd="lowrank")
+        q8 = bitstack.quantize(w, max_b, args.rank, svd="lowrank", factor_dtype="int8")
         dense = torch.randn(m, n)
         for b in map(int, args.blocks.split(",")):
             p = q.prefix(b)
             signs, u, v = p.signs.contiguous(), p.u.contiguous(), p.v.contiguous()
+            p8 = q8.prefix(b)
+            s8, u8, v8, sc8 = p8.signs.contiguous(), p8.u.contiguous(), p8.v.contiguous(), p8.scale.contiguous()
             for t in map(int, args.batches.split(",")):
                 x = torch.randn(t, n)
                 t_lookup = bench(lambda: torch.ops.quantkit.bitstack_linear(x, signs, u, v, None), budget_s=args.budget)
                 t_rebuild = bench(lambda: F.linear(x, torch.ops.quantkit.bitstack_dequantize(signs, u, v)),
                                   budget_s=args.budget)
                 t_dense = bench(lambda: F.linear(x, dense), budget_s=args.budget)
+                t_int8 = bench(lambda: torch.ops.quantkit.bitstack_linear(x, s8, u8, v8, None, sc8),
+                               budget_s=args.budget)
                 lines.append(f"| {shape} | {b} | {t} | {t_lookup * 1e3:.3f} | {t_rebuild * 1e3:.3f} | "
-                             f"{t_dense * 1e3:.3f} | {t_rebuild / t_lookup:.2f}x | {t_dense / t_lookup:.2f}x |")
+                             f"{t_dense * 1e3:.3f} | {t_rebuild / t_lookup:.2f}x | {t_dense / t_lookup:.2f}x | "
+                             f"{t_int8 * 1e3:.3f} | {t_int8 / t_lookup:.2f}x |")
                 print(lines[-1], file=sys.stderr, flush=True)
     lines.append("")
     lines.append(f"1-min load at end {os.getloadavg()[0]:.2f}")

@@ -16,7 +16,9 @@ simply sign(R_i): they are chosen column by column with error feedback (the upda
 GPTQ / optimal brain quantization), so that block i minimises the *output* error
 tr((R_i − block_i) H (R_i − block_i)ᵀ) given its magnitudes u_i v_i, not ‖R_i − block_i‖_F. The
 magnitudes still come from the rank-k SVD of |R_i|, and R_{i+1} = R_i − block_i is the true
-residual, so the format, the prefix property and the kernels are unchanged.
+residual, so the format, the prefix property and the kernels are unchanged. ``sign_sweeps``
+then revisits every column by coordinate descent (flip a sign when that lowers the same output
+error), which the one-pass greedy choice cannot do for columns it signed before the later ones.
 
 and any prefix of b blocks reconstructs  Ŵ_b = Σ_{i<b} S_i ⊙ (u_i v_i)  (u, v read back as
 fp32 from fp16). Error falls with every block, so one artifact can be loaded at any b.
@@ -168,8 +170,9 @@ def _rank_k_factors(a: torch.Tensor, k: int, svd: str, generator: torch.Generato
     return U * root, root[:, None] * Vh
 
 
-def _hinv_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (U ᵀU = (H + λI)⁻¹), λ = damp · mean(diag H), fp32 [n, n].
+def _damped_gram_and_hinv(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + λI, upper Cholesky factor U of (H + λI)⁻¹ with UᵀU = (H + λI)⁻¹), fp32 [n, n] each,
+    λ = damp · mean(diag H).
 
     Channels that never fired (diag 0) get diag 1 so H stays invertible; if H is still not
     positive definite (rank-deficient calibration), λ grows tenfold up to four times."""
@@ -188,10 +191,15 @@ def _hinv_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             inv = torch.cholesky_inverse(chol)
             u, info = torch.linalg.cholesky_ex(inv, upper=True)
             if int(info) == 0:
-                return u
+                return h + lam * eye, u
         lam *= 10
     raise FormatError("bitstack: the calibration Hessian is not positive definite even with damping "
                       f"{lam / 10 / float(d.mean()):g} x mean(diag); use more calibration tokens")
+
+
+def _hinv_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (``_damped_gram_and_hinv``), fp32 [n, n]."""
+    return _damped_gram_and_hinv(h, damp)[1]
 
 
 def _feedback_signs(r: torch.Tensor, mag: torch.Tensor, hinv_u: torch.Tensor, cols: int = 32) -> torch.Tensor:
@@ -225,9 +233,43 @@ def _feedback_signs(r: torch.Tensor, mag: torch.Tensor, hinv_u: torch.Tensor, co
     return signs
 
 
+def _refine_signs(r: torch.Tensor, mag: torch.Tensor, signs: torch.Tensor, h: torch.Tensor, sweeps: int,
+                  cols: int = 32) -> torch.Tensor:
+    """Coordinate descent on the signs ±1 [m, n] of the block S ⊙ mag of residual ``r`` [m, n]:
+    ``sweeps`` passes over the columns; in column c every row whose sign flip lowers its output
+    error e H eᵀ (e = r − S ⊙ mag, ``h`` [n, n] the damped Gram) flips. Returns new signs.
+
+    With g = e H, flipping s[r, c] changes e[r, c] by δ = 2·s·mag and the error by
+    2·δ·g[r, c] + δ²·H[c, c]; a flip is taken only when that is < 0, so the error never grows.
+    The greedy feedback pass decides column c before it knows the later columns' signs; a sweep
+    revisits every column with all the others known. Columns in groups of ``cols``: g is kept
+    exact inside the group and the later columns get the group's flips in one product."""
+    s = signs.clone()
+    m, n = r.shape
+    hd = torch.diagonal(h)
+    for _ in range(sweeps):
+        g = (r - s * mag) @ h
+        for c0 in range(0, n, cols):
+            c1 = min(c0 + cols, n)
+            gg = g[:, c0:c1].clone()
+            moved = torch.zeros(m, c1 - c0)
+            hg = h[c0:c1, c0:c1]
+            for j in range(c1 - c0):
+                c = c0 + j
+                delta = 2.0 * s[:, c] * mag[:, c]
+                flip = (2.0 * delta * gg[:, j] + delta * delta * hd[c]) < 0
+                d = torch.where(flip, delta, 0.0)
+                s[:, c] = torch.where(flip, -s[:, c], s[:, c])
+                moved[:, j] = d
+                gg[:, j + 1:].addr_(d, hg[j, j + 1:])  # e[:, c] moved by d: g += d·H[c]
+            if c1 < n:
+                g[:, c1:] += moved @ h[c0:c1, c1:]
+    return s
+
+
 def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "exact",
              seed: int = 0, hessian: torch.Tensor | None = None, damp: float = 0.01,
-             factor_dtype: str = "float16") -> BitStackBlocks:
+             factor_dtype: str = "float16", sign_sweeps: int = 0) -> BitStackBlocks:
     """Decompose ``w`` [m, n] (any float dtype, read as fp32) into ``n_blocks`` residual blocks.
 
     rank: k, the SVD rank per block (clipped to min(m, n); the stored u/v then have that
@@ -239,6 +281,8 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
     the diagonal damping added to H as a fraction of its mean diagonal.
     factor_dtype: "float16" (the reference) or "int8" (factors quantized before the signs are
     chosen, so the residual passed on is exactly what the stored factors leave).
+    sign_sweeps: with a Hessian, sweeps of coordinate descent over each block's signs after the
+    feedback pass (``_refine_signs``); 0 = the feedback pass alone.
     """
     if w.dim() != 2:
         raise FormatError(f"bitstack decomposes 2-D weights, got shape {list(w.shape)}")
@@ -251,7 +295,10 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
     r = w.detach().float().clone()
     if not torch.isfinite(r).all():
         raise FormatError("bitstack: the weight holds NaN or Inf")
-    hinv_u = None
+    if sign_sweeps < 0 or (sign_sweeps and hessian is None):
+        raise FormatError(f"bitstack: sign_sweeps must be >= 0 and needs a Hessian, got {sign_sweeps}"
+                          f"{' without a Hessian' if hessian is None else ''}")
+    hinv_u = h_damped = None
     if hessian is not None:
         n = r.shape[1]
         if hessian.shape != (n, n) or not torch.isfinite(hessian).all():
@@ -259,7 +306,7 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
                               f"{list(hessian.shape)}")
         if not damp > 0:
             raise FormatError(f"bitstack: damp must be > 0, got {damp}")
-        hinv_u = _hinv_cholesky(hessian, damp)
+        h_damped, hinv_u = _damped_gram_and_hinv(hessian, damp)
     g = torch.Generator().manual_seed(seed)
     signs, us, vs, scales = [], [], [], []
     for _ in range(n_blocks):
@@ -278,6 +325,8 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
             s = torch.where(r >= 0, 1.0, -1.0)
         else:
             s = _feedback_signs(r, mag, hinv_u)
+            if sign_sweeps:
+                s = _refine_signs(r, mag, s, h_damped, sign_sweeps)
         signs.append(pack_signs(s))
         # fp16: the fp32 u, v (as the reference); int8: exactly the stored factors
         r -= s * mag

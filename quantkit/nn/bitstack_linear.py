@@ -67,12 +67,13 @@ class BitStackLinear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], n_blocks: int, rank: int,
                     svd: str = "exact", seed: int = 0, hessian: Optional[torch.Tensor] = None,
-                    damp: float = 0.01, factor_dtype: str = "float16") -> "BitStackLinear":
+                    damp: float = 0.01, factor_dtype: str = "float16", sign_sweeps: int = 0) -> "BitStackLinear":
         """Decompose ``weight`` [out, in] (already scaled by the pass) into a full stack;
         ``hessian`` [in, in] (optional): input Gram for error-feedback signs; ``factor_dtype``
-        "float16" or "int8" (``bitstack.quantize``)."""
+        "float16" or "int8"; ``sign_sweeps``: coordinate-descent sweeps after the feedback
+        (``bitstack.quantize``)."""
         q = bitstack.quantize(weight, n_blocks, rank, svd, seed, hessian=hessian, damp=damp,
-                              factor_dtype=factor_dtype)
+                              factor_dtype=factor_dtype, sign_sweeps=sign_sweeps)
         m, n = weight.shape
         mod = cls(n, m, bias is not None, q.rank, n_blocks, device="cpu",
                   bias_dtype=bias.dtype if bias is not None else torch.float32, factor_dtype=factor_dtype)

@@ -17,6 +17,7 @@ Steps (facts from the reference implementation, algorithms.md §2):
    GPTQ-style error feedback over the layer's calibration Gram (of x / s, what the scaled
    layer reads), damped by ``damp`` · mean diagonal: not in the reference; it halves the
    calibration output error per block on SmolLM2-135M (docs/benchmarks.md, round 3).
+   ``sign_sweeps`` then refines those signs by coordinate descent on the same error (round 4).
 4. Model-wide block order, stored per module (``BitStackLinear.order``):
    * ``proxy``: greedy by calibration output-error reduction per byte. For a layer
      with (scaled) input Gram H and error E_b = W' − Ŵ'_b after b blocks, block b+1 is worth
@@ -82,6 +83,8 @@ class BitStackPassConfig:
         calibration input Gram, minimising the block's output error instead of its Frobenius
         error (quantkit/formats/bitstack.py); False = the reference's sign(residual).
     damp: diagonal damping of that Gram, as a fraction of its mean diagonal.
+    sign_sweeps: with error_feedback, sweeps of coordinate descent over each block's signs after
+        the feedback pass (flip a sign when that lowers the block's output error); 0 = none.
     factor_dtype: storage of each block's rank-k factors: "float16" (the reference) or "int8"
         (per-component scale; half the factor bytes, so more blocks per budget).
     seed: window draw and randomized-SVD seed.
@@ -101,6 +104,7 @@ class BitStackPassConfig:
     ppl_levels: int = 1
     error_feedback: bool = False
     damp: float = 0.01
+    sign_sweeps: int = 0
     factor_dtype: Literal["float16", "int8"] = "float16"
     seed: int = 0
 
@@ -110,6 +114,10 @@ class BitStackPassConfig:
                 raise ValueError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.n_blocks > 64:
             raise ValueError(f"'n_blocks' must be <= 64, got {self.n_blocks}")
+        if not 0 <= self.sign_sweeps <= 8:
+            raise ValueError(f"'sign_sweeps' must be in 0..8, got {self.sign_sweeps}")
+        if self.sign_sweeps and not self.error_feedback:
+            raise ValueError("'sign_sweeps' refines error-feedback signs: it needs 'error_feedback: true'")
         if self.factor_dtype not in bitstack.FACTOR_DTYPES:
             raise ValueError(f"'factor_dtype' must be one of {', '.join(bitstack.FACTOR_DTYPES)}, "
                              f"got {self.factor_dtype!r}")
@@ -390,7 +398,8 @@ def _decompose(model: nn.Module, cfg: BitStackPassConfig, chosen: dict[str, nn.L
         inv = 1.0 / applied[name] if name in applied else None  # the layer now reads x / s
         h = stats.hessian(watch[name], inv) if cfg.error_feedback else None
         mod = BitStackLinear.from_weight(w, linear.bias, cfg.n_blocks, cfg.rank, cfg.svd, seed=cfg.seed,
-                                         hessian=h, damp=cfg.damp, factor_dtype=cfg.factor_dtype)
+                                         hessian=h, damp=cfg.damp, factor_dtype=cfg.factor_dtype,
+                                         sign_sweeps=cfg.sign_sweeps)
         gains[name] = _proxy_gains(mod, w, stats.energy(watch[name], inv))
         replace_module(model, name, mod)
     return gains

@@ -179,6 +179,40 @@ def test_feedback_signs_grouped_equals_naive(m, n):
     assert torch.equal(fast, _naive_feedback_signs(r, mag, h, 0.01))
 
 
+def _naive_refine(r, mag, s, h, sweeps):
+    """Coordinate descent from its definition: column by column, each row flips its sign when
+    that lowers e H eᵀ, with g = e H recomputed from scratch for every column."""
+    s = s.clone()
+    for _ in range(sweeps):
+        for c in range(r.shape[1]):
+            g = (r - s * mag) @ h
+            delta = 2 * s[:, c] * mag[:, c]
+            flip = (2 * delta * g[:, c] + delta * delta * h[c, c]) < 0
+            s[:, c] = torch.where(flip, -s[:, c], s[:, c])
+    return s
+
+
+@pytest.mark.parametrize("sweeps", [1, 2])
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 7), (17, 33), (5, 70)])
+def test_refine_signs_grouped_equals_naive_and_never_worsens(m, n, sweeps):
+    g = torch.Generator().manual_seed(m * 100 + n)
+    r = torch.randn(m, n, generator=g)
+    mag = r.abs().mean(1, keepdim=True) * torch.rand(1, n, generator=g) * 2
+    h, hinv_u = bitstack._damped_gram_and_hinv(_correlated_gram(n, n), 0.01)
+    greedy = bitstack._feedback_signs(r, mag, hinv_u)
+    fast = bitstack._refine_signs(r, mag, greedy, h, sweeps, cols=8)
+    assert torch.equal(fast, _naive_refine(r, mag, greedy, h, sweeps))
+    err = lambda s: float((((r - s * mag) @ h) * (r - s * mag)).sum())
+    assert err(fast) <= err(greedy) * (1 + 1e-6)
+
+
+def test_sign_sweeps_bad_input():
+    with pytest.raises(FormatError, match="sign_sweeps.*Hessian"):
+        bitstack.quantize(torch.randn(4, 5), sign_sweeps=1)
+    with pytest.raises(FormatError, match="sign_sweeps"):
+        bitstack.quantize(torch.randn(4, 5), hessian=torch.eye(5), sign_sweeps=-1)
+
+
 def test_identity_hessian_gives_the_reference_signs():
     """With H = I the feedback is zero (chol(H⁻¹) is diagonal): bit-identical to hessian=None."""
     w = torch.randn(20, 13) * torch.rand(1, 13)
@@ -219,3 +253,19 @@ def test_feedback_lowers_output_error_at_every_prefix():
     # measured on this draw: 0.22 0.30 0.45 0.35 (SmolLM2-135M, all layers: 0.43-0.46 at 2-4 blocks);
     # the bound only asks for a clear gain
     assert all(r < 0.7 for r in ratios), ratios
+
+
+def test_sign_sweeps_lower_output_error_at_every_prefix():
+    """Quality: coordinate descent after the greedy feedback pass lowers the damped output
+    error of every prefix further (the objective both minimise)."""
+    torch.manual_seed(2)
+    m, n = 64, 48
+    w = torch.randn(m, n) * torch.rand(1, n) * 2
+    h = _correlated_gram(n, 7)
+    hd = bitstack._damped_gram_and_hinv(h, 0.01)[0]
+    out_err = lambda q, b: float((((w - bitstack.reconstruct(q, b)) @ hd) * (w - bitstack.reconstruct(q, b))).sum())
+    fed = bitstack.quantize(w, n_blocks=4, rank=4, hessian=h)
+    swept = bitstack.quantize(w, n_blocks=4, rank=4, hessian=h, sign_sweeps=1)
+    ratios = [out_err(swept, b) / out_err(fed, b) for b in range(1, 5)]
+    # measured on this draw: 0.32 0.38 0.47 0.69; the bound asks for a clear gain
+    assert all(r < 0.9 for r in ratios), ratios

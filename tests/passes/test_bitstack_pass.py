@@ -122,7 +122,7 @@ def test_shipped_recipe_is_the_measured_default():
     cfg = quantkit.load_recipe("bitstack").passes[0].config
     assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 3)
     assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 128, 48, 512)
-    assert (cfg.error_feedback, cfg.damp, cfg.factor_dtype) == (True, 0.3, "int8")
+    assert (cfg.error_feedback, cfg.damp, cfg.sign_sweeps, cfg.factor_dtype) == (True, 0.3, 1, "int8")
 
 
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):
@@ -208,6 +208,10 @@ def test_bad_config():
             quantkit.load_recipe(_recipe(damp=bad))
     with pytest.raises(RecipeError, match="error_feedback"):
         quantkit.load_recipe(_recipe(error_feedback="yes"))
+    with pytest.raises((RecipeError, ValueError), match="sign_sweeps.*error_feedback"):
+        quantkit.load_recipe(_recipe(sign_sweeps=1))
+    with pytest.raises((RecipeError, ValueError), match="sign_sweeps"):
+        quantkit.load_recipe(_recipe(sign_sweeps=9, error_feedback=True))
     with pytest.raises((RecipeError, ValueError), match="factor_dtype"):
         quantkit.load_recipe(_recipe(factor_dtype="int4"))
     with pytest.raises(ValueError, match="factor_dtype.*float16, int8"):

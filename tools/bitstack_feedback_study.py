@@ -3,6 +3,7 @@
 
     # every decoder linear at b blocks (no order), perplexity on the first --tokens eval tokens
     python tools/bitstack_feedback_study.py uniform --blocks 2,3,4 [--no-feedback] [--damp 0.3] [--calib 48]
+                                                    [--factor-dtype int8] [--sign-sweeps 1] [--calib-text FILE]
     # per linear of some layers: output error of feedback / reference blocks on the calibration
     # Gram and on the Gram of unseen text (8 x 512 tokens of the eval excerpt)
     python tools/bitstack_feedback_study.py layers --layers 3,29 [--damp 0.3] [--calib 48]
@@ -59,7 +60,8 @@ def uniform(args) -> None:
         w = lin.weight.data.float()
         h = stats.hessian(watch[name], 1.0 / applied[name] if name in applied else None)
         q = bitstack.quantize(w, max(args.blocks), args.rank, args.svd,
-                              hessian=None if args.no_feedback else h, damp=args.damp)
+                              hessian=None if args.no_feedback else h, damp=args.damp,
+                              factor_dtype=args.factor_dtype, sign_sweeps=0 if args.no_feedback else args.sign_sweeps)
         recon[name] = {b: bitstack.reconstruct(q, b) for b in args.blocks}
         den += float(((w @ h) * w).sum())
         for b in args.blocks:
@@ -72,6 +74,7 @@ def uniform(args) -> None:
             lin.weight.data.copy_(recon[name][b])
         r = perplexity(model, model._quantkit_tokenizer, text, seq_len=512, max_tokens=args.tokens, progress=False)
         print(json.dumps(dict(feedback=not args.no_feedback, damp=args.damp, calib_windows=args.calib, rank=args.rank,
+                              factor_dtype=args.factor_dtype, sign_sweeps=args.sign_sweeps,
                               blocks=b, ppl=round(r.ppl, 3), calib_rel_out_err=num[b] / den,
                               decompose_s=round(decompose_s, 1))), flush=True)
 
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
             p.add_argument("--blocks", type=lambda s: [int(x) for x in s.split(",")], default=[2, 3, 4])
             p.add_argument("--tokens", type=int, default=1024, help="eval tokens (1024: the first 2 windows)")
             p.add_argument("--no-feedback", action="store_true", help="the reference's sign(residual)")
+            p.add_argument("--factor-dtype", default="float16", choices=("float16", "int8"))
+            p.add_argument("--sign-sweeps", type=int, default=0, help="coordinate-descent sweeps after the feedback")
         else:
             p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[3, 29])
     args = ap.parse_args(argv)

@@ -24,8 +24,9 @@ from quantkit.streaming import DELAY_ENV, JOURNAL, partial_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# the shipped recipe's sign choice and factor storage (feedback + one sweep, int8 factors)
 BITSTACK = {"pass": "bitstack", "n_blocks": 3, "rank": 4, "svd": "lowrank", "order": "proxy", "error_feedback": True,
-            "calib_samples": 3, "calib_seq_len": 48}
+            "sign_sweeps": 1, "factor_dtype": "int8", "calib_samples": 3, "calib_seq_len": 48}
 
 
 def _hash_tree(folder: Path) -> dict:

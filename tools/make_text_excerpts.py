@@ -1,6 +1,7 @@
 """Cut quantkit's shipped text excerpts (quantkit/data/calib.txt, eval.txt) from the corpus.
 
     python tools/make_text_excerpts.py [CORPUS [OUT_DIR]]
+    python tools/make_text_excerpts.py --calib-large FILE [CORPUS]
 
 CORPUS defaults to /work/shared/data/python-docs-en.txt, OUT_DIR to quantkit/data.
 
@@ -10,6 +11,11 @@ calib.txt takes whole paragraphs from the start of the file, eval.txt whole para
 the start of the second half, each until ~120 KB (UTF-8 bytes) is reached. Paragraphs that
 occur in the calibration part are skipped in the evaluation part, so the two are disjoint.
 Deterministic: the same corpus gives byte-identical files.
+
+--calib-large FILE writes a larger calibration text (not shipped; ~1 MB): every paragraph of
+the corpus's first half (which contains calib.txt) except those that also occur in eval.txt,
+so it stays disjoint from the evaluation excerpt. For `--calib-text` with
+recipes/bitstack-large-calib.yaml (docs/benchmarks.md, BitStack round 4).
 """
 
 from __future__ import annotations
@@ -39,12 +45,24 @@ def take(paras: list[str], target: int, exclude: frozenset = frozenset()) -> lis
 
 
 def main(argv: list[str]) -> int:
+    large = None
+    if len(argv) > 2 and argv[1] == "--calib-large":
+        large, argv = Path(argv[2]), argv[:1] + argv[3:]
     corpus = Path(argv[1]) if len(argv) > 1 else DEFAULT_CORPUS
     paras = paragraphs(corpus.read_text(encoding="utf-8"))
     calib = take(paras, TARGET_BYTES)
     half = len(paras) // 2
     assert len(calib) < half, "calibration excerpt would reach the second half"
     evalp = take(paras[half:], TARGET_BYTES, exclude=frozenset(calib))
+    if large is not None:
+        seen, part = frozenset(evalp), []
+        for p in paras[:half]:
+            if p not in seen:
+                part.append(p)
+        data = "\n\n".join(part) + "\n"
+        large.write_text(data, encoding="utf-8", newline="\n")
+        print(f"{large}: {len(part)} paragraphs, {len(data.encode('utf-8'))} bytes")
+        return 0
     out = Path(argv[2]) if len(argv) > 2 else ROOT / "quantkit" / "data"
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("calib.txt", calib), ("eval.txt", evalp)):

@@ -255,6 +255,24 @@ def test_excerpts_are_reproducible(tmp_path):
         assert (tmp_path / f"{split}.txt").read_text(encoding="utf-8") == default_text(split)
 
 
+@pytest.mark.skipif(not Path("/work/shared/data/python-docs-en.txt").exists(), reason="corpus not on this machine")
+def test_large_calibration_text_is_disjoint_from_eval(tmp_path):
+    """tools/make_text_excerpts.py --calib-large: ~1 MB, contains the shipped calibration
+    excerpt, shares no paragraph with the evaluation excerpt."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "calib_large.txt"
+    subprocess.run([sys.executable, str(root / "tools" / "make_text_excerpts.py"), "--calib-large", str(out),
+                    "/work/shared/data/python-docs-en.txt"], check=True, capture_output=True)
+    large = out.read_text(encoding="utf-8")
+    paras = set(large.split("\n\n"))
+    assert len(large.encode("utf-8")) > 900_000
+    assert large.startswith(default_text("calib").rstrip("\n"))
+    assert not paras & {p.strip() for p in default_text("eval").split("\n\n")}
+
+
 def test_default_text_unknown_split():
     with pytest.raises(UsageError, match="'train'"):
         default_text("train")

@@ -125,6 +125,16 @@ def test_shipped_recipe_is_the_measured_default():
     assert (cfg.error_feedback, cfg.damp, cfg.sign_sweeps, cfg.factor_dtype) == (True, 0.3, 1, "int8")
 
 
+def test_large_calibration_recipe_differs_only_where_documented():
+    """recipes/bitstack-large-calib.yaml = the shipped recipe but for calib_samples, damp and
+    val_seq_len (the values docs/benchmarks.md measured with a 1 MB calibration text)."""
+    import dataclasses
+    base = dataclasses.asdict(quantkit.load_recipe("bitstack").passes[0].config)
+    large = dataclasses.asdict(quantkit.load_recipe("bitstack-large-calib").passes[0].config)
+    diff = {k: large[k] for k in base if base[k] != large[k]}
+    assert diff == {"calib_samples": 200, "damp": 0.1, "val_seq_len": 512}
+
+
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):
     info = artifact.read_metadata(bs_dir)
     plan = artifact.budget_plan(bs_dir, info)

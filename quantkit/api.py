@@ -42,7 +42,8 @@ def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, s
     model_or_path: an ``nn.Module`` (copied first unless ``inplace``) or anything
         ``load_model`` accepts. recipe: a Recipe, a dict, a YAML path or a shipped name.
     calib_text: text for calibrated passes (DB-LLM, BitStack); default the shipped
-        calibration excerpt. They tokenize it with the model's tokenizer
+        text each pass names (``default_calib_text``; the 120 KB excerpt unless a pass says
+        otherwise, BitStack's recipe: the 1 MB text). They tokenize it with the model's tokenizer
         (``model._quantkit_tokenizer``, which ``load_model`` attaches).
     Raises UsageError if a pass matches no module (unless ``allow_empty``) and
     QuantkitError if a weight holds NaN/Inf (unless ``allow_nonfinite``).
@@ -62,7 +63,7 @@ def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, s
         spec = PASSES[entry.name]
         if spec.calibrated:
             calib = calib or calib_source(model, calib_text)
-            changed = spec.apply(model, entry.config, progress=progress, calib=calib)
+            changed = spec.apply(model, entry.config, progress=progress, calib=calib.for_config(entry.config))
         else:
             changed = spec.apply(model, entry.config, progress=progress)
         if not changed and not allow_empty:

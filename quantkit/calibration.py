@@ -3,7 +3,9 @@
 A ``CalibSource`` is the model's tokenizer plus a text; each pass asks it for as many
 windows of token ids as its own config wants, so sample counts and lengths live in the
 recipe, not here. The default text is the shipped English excerpt
-(``quantkit/data/calib.txt``), disjoint from the evaluation excerpt.
+(``quantkit/data/calib.txt``), disjoint from the evaluation excerpt; a pass whose config has
+``default_calib_text`` (e.g. BitStack: "calib_large", 1 MB) reads that shipped text instead,
+unless the user gave a text (``--calib-text``), which always wins (``CalibSource.for_config``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ class CalibSource:
 
     tokenizer: a Hugging Face tokenizer (anything with ``__call__(text)["input_ids"]``).
     text: the calibration text (str, UTF-8 prose).
+    explicit: True when the user chose ``text`` (``--calib-text``); then a pass's own
+        default text does not replace it.
     """
 
     tokenizer: Any
     text: str
+    explicit: bool = False
     _ids: list = field(default_factory=list, repr=False, compare=False)  # cache: [tensor] once tokenized
 
     def token_ids(self) -> torch.Tensor:
@@ -34,6 +39,17 @@ class CalibSource:
             ids = self.tokenizer(self.text, add_special_tokens=False)["input_ids"]
             self._ids.append(torch.tensor(ids, dtype=torch.long))
         return self._ids[0]
+
+    def for_config(self, config) -> "CalibSource":
+        """The source a pass with ``config`` calibrates on: this one when the user chose the
+        text or the config names no other default, else the shipped text
+        ``config.default_calib_text`` names (quantkit.models.text.default_text)."""
+        from quantkit.models.text import default_text
+
+        name = getattr(config, "default_calib_text", "calib")
+        if self.explicit or name == "calib":
+            return self
+        return CalibSource(self.tokenizer, default_text(name))
 
     def batches(self, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
         """``n_samples`` windows of ``seq_len`` consecutive tokens: int64 [n_samples, seq_len].
@@ -63,11 +79,14 @@ class CalibSource:
 
 def calib_source(model, text: Optional[str] = None) -> CalibSource:
     """The CalibSource for ``model``: its tokenizer (``model._quantkit_tokenizer``, set by
-    ``quantkit.load_model``) and ``text`` (default: the shipped calibration excerpt)."""
+    ``quantkit.load_model``) and ``text`` (default: the shipped calibration excerpt, which a
+    pass may swap for its own default: ``CalibSource.for_config``)."""
     from quantkit.models.text import default_text
 
     tokenizer = getattr(model, "_quantkit_tokenizer", None)
     if tokenizer is None:
         raise UsageError("this recipe has a calibrated pass, which needs the model's tokenizer: load the model "
                          "with quantkit.load_model (it attaches one), or set model._quantkit_tokenizer")
-    return CalibSource(tokenizer, text if text is not None else default_text("calib"))
+    if text is None:
+        return CalibSource(tokenizer, default_text("calib"))
+    return CalibSource(tokenizer, text, explicit=True)

@@ -32,6 +32,26 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class stage:
+    """``with stage("bitstack calibration", enabled=progress):`` prints one line on stderr when
+    the step ends, with its wall time ("quantkit: bitstack calibration: 3m05s"), so a long
+    job's log says where the time went; nothing when disabled or QUANTKIT_QUIET=1."""
+
+    def __init__(self, desc: str, enabled: bool = True):
+        self.desc = desc
+        self.enabled = enabled and os.environ.get("QUANTKIT_QUIET") != "1"
+        self.seconds = float("nan")
+
+    def __enter__(self) -> "stage":
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        if self.enabled and exc_type is None:
+            print(f"quantkit: {self.desc}: {_duration(self.seconds)}", file=sys.stderr, flush=True)
+
+
 class BlockProgress:
     """Progress over the units of a streaming compress, with an ETA.
 

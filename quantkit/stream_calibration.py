@@ -76,7 +76,9 @@ class CalibratedStream:
         entry = recipe.passes[self.pass_index]
         self.name = entry.name
         self.driver = PASSES[entry.name].stream(entry.config)
-        self.text = calib_text if calib_text is not None else default_text("calib")
+        # the user's text, else the shipped text the pass names (CalibSource.for_config)
+        self.text = calib_text if calib_text is not None else default_text(
+            getattr(entry.config, "default_calib_text", "calib"))
         self.inputs: Optional[BlockInputs] = None
 
     def fingerprint(self) -> dict:

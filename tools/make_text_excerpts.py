@@ -1,4 +1,4 @@
-"""Cut quantkit's shipped text excerpts (quantkit/data/calib.txt, eval.txt) from the corpus.
+"""Cut quantkit's shipped texts (quantkit/data/calib.txt, eval.txt, calib_large.txt) from the corpus.
 
     python tools/make_text_excerpts.py [CORPUS [OUT_DIR]]
     python tools/make_text_excerpts.py --calib-large FILE [CORPUS]
@@ -12,10 +12,11 @@ the start of the second half, each until ~120 KB (UTF-8 bytes) is reached. Parag
 occur in the calibration part are skipped in the evaluation part, so the two are disjoint.
 Deterministic: the same corpus gives byte-identical files.
 
---calib-large FILE writes a larger calibration text (not shipped; ~1 MB): every paragraph of
-the corpus's first half (which contains calib.txt) except those that also occur in eval.txt,
-so it stays disjoint from the evaluation excerpt. For `--calib-text` with
-recipes/bitstack-large-calib.yaml (docs/benchmarks.md, BitStack round 4).
+calib_large.txt is the larger calibration text (~1 MB): every paragraph of the corpus's first
+half (which contains calib.txt) except those that also occur in eval.txt, so it stays disjoint
+from the evaluation excerpt. recipes/bitstack.yaml calibrates on it by default
+(``default_calib_text: calib_large``; docs/benchmarks.md, BitStack round 5). ``--calib-large
+FILE`` writes only that text, to FILE.
 """
 
 from __future__ import annotations
@@ -54,21 +55,18 @@ def main(argv: list[str]) -> int:
     half = len(paras) // 2
     assert len(calib) < half, "calibration excerpt would reach the second half"
     evalp = take(paras[half:], TARGET_BYTES, exclude=frozenset(calib))
+    seen = frozenset(evalp)
+    calib_large = [p for p in paras[:half] if p not in seen]
     if large is not None:
-        seen, part = frozenset(evalp), []
-        for p in paras[:half]:
-            if p not in seen:
-                part.append(p)
+        files = [(large, calib_large)]
+    else:
+        out = Path(argv[2]) if len(argv) > 2 else ROOT / "quantkit" / "data"
+        out.mkdir(parents=True, exist_ok=True)
+        files = [(out / "calib.txt", calib), (out / "eval.txt", evalp), (out / "calib_large.txt", calib_large)]
+    for path, part in files:
         data = "\n\n".join(part) + "\n"
-        large.write_text(data, encoding="utf-8", newline="\n")
-        print(f"{large}: {len(part)} paragraphs, {len(data.encode('utf-8'))} bytes")
-        return 0
-    out = Path(argv[2]) if len(argv) > 2 else ROOT / "quantkit" / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("calib.txt", calib), ("eval.txt", evalp)):
-        data = "\n\n".join(part) + "\n"
-        (out / name).write_text(data, encoding="utf-8", newline="\n")
-        print(f"{out / name}: {len(part)} paragraphs, {len(data.encode('utf-8'))} bytes")
+        path.write_text(data, encoding="utf-8", newline="\n")
+        print(f"{path}: {len(part)} paragraphs, {len(data.encode('utf-8'))} bytes")
     return 0
 
 

@@ -8,11 +8,13 @@ from typing import Union
 
 from quantkit.errors import UsageError
 
-SPLITS = ("calib", "eval")
+SPLITS = ("calib", "eval", "calib_large")
 
 
 def default_text(split: str) -> str:
-    """The shipped English excerpt for ``split`` ("calib" or "eval"); see quantkit/data/README.md."""
+    """The shipped English text for ``split``: "calib" (120 KB calibration excerpt), "eval"
+    (120 KB evaluation excerpt) or "calib_large" (1 MB calibration text, disjoint from "eval");
+    see quantkit/data/README.md."""
     if split not in SPLITS:
         raise UsageError(f"unknown text split {split!r}; expected one of {', '.join(SPLITS)}")
     return resources.files("quantkit").joinpath("data").joinpath(f"{split}.txt").read_text(encoding="utf-8")

@@ -30,7 +30,8 @@ Steps (facts from the reference implementation, algorithms.md §2):
      undo; sort each level's blocks by that perplexity (lowest first) and concatenate the
      levels ((n_blocks − 1) · #layers evaluations). ``ppl_levels`` caps the levels ranked this
      way (the remaining levels follow the proxy order, level by level) because on a CPU
-     each evaluation is a full forward pass. Validation windows are disjoint from the
+     each evaluation is a forward pass (of the layers from the changed one on:
+     quantkit/passes/bitstack_ranking.py). Validation windows are disjoint from the
      calibration windows (one draw of disjoint tiles, split in two).
 Comparison of the two on SmolLM2-135M: docs/benchmarks.md (BitStack section).
 
@@ -44,7 +45,6 @@ The ``ppl`` order needs whole-model forwards, so such a recipe is compressed who
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -54,10 +54,12 @@ from torch import nn
 from quantkit.errors import UsageError
 from quantkit.formats import bitstack
 from quantkit.nn.bitstack_linear import BitStackLinear
+from quantkit.passes.bitstack_ranking import ppl_order as _ppl_order
 from quantkit.passes.targets import replace_module, select_linears, validate_patterns
-from quantkit.progress import progress_bar
+from quantkit.progress import progress_bar, stage
 
 SCALE_EPS = 1e-3  # added to every activation scale (reference: get_act_scale)
+CALIB_TEXTS = ("calib", "calib_large")  # shipped calibration texts (quantkit.models.text.default_text)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class BitStackPassConfig:
         the feedback pass (flip a sign when that lowers the block's output error); 0 = none.
     factor_dtype: storage of each block's rank-k factors: "float16" (the reference) or "int8"
         (per-component scale; half the factor bytes, so more blocks per budget).
+    default_calib_text: the shipped text to calibrate on when the user gives none
+        (``--calib-text`` / ``calib_text=`` always win): "calib" (120 KB, 52 windows of 512
+        tokens) or "calib_large" (1 MB, ~460 windows; what recipes/bitstack.yaml uses).
     seed: window draw and randomized-SVD seed.
     """
 
@@ -106,6 +111,7 @@ class BitStackPassConfig:
     damp: float = 0.01
     sign_sweeps: int = 0
     factor_dtype: Literal["float16", "int8"] = "float16"
+    default_calib_text: Literal["calib", "calib_large"] = "calib"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -121,6 +127,9 @@ class BitStackPassConfig:
         if self.factor_dtype not in bitstack.FACTOR_DTYPES:
             raise ValueError(f"'factor_dtype' must be one of {', '.join(bitstack.FACTOR_DTYPES)}, "
                              f"got {self.factor_dtype!r}")
+        if self.default_calib_text not in CALIB_TEXTS:
+            raise ValueError(f"'default_calib_text' must be one of {', '.join(CALIB_TEXTS)}, "
+                             f"got {self.default_calib_text!r}")
         if not 0 < self.damp <= 1:
             raise ValueError(f"'damp' must be in (0, 1], got {self.damp}")
         if self.ppl_levels < 0:
@@ -230,9 +239,14 @@ def _watch_points(model: nn.Module, chosen: dict[str, nn.Linear]) -> dict[str, s
 def _calibrate(model: nn.Module, sources: set[str], ids: torch.Tensor, gram: bool, progress: bool) -> _Stats:
     stats = _Stats(gram)
     handles = [model.get_submodule(n).register_forward_pre_hook(stats.hook(n)) for n in sorted(sources)]
+    # the hooks only read inputs inside the decoder: run the model without its output head
+    # when every watched module lies in the inner model (the head is ~12 % of SmolLM2's forward)
+    inner = getattr(model, "model", None)
+    run = inner if isinstance(inner, nn.Module) and all(n.startswith("model.") for n in sources) else model
+    kwargs = {"use_cache": False} if hasattr(run, "config") else {}  # Hugging Face models: no KV cache
     try:
         for row in progress_bar(list(ids), desc="bitstack calibration", disable=not progress):
-            model(row[None])
+            run(row[None], **kwargs)
             stats.samples += 1
     finally:
         for h in handles:
@@ -321,54 +335,6 @@ def _proxy_order(gains: dict[str, list[float]], levels_from: int = 1) -> list[tu
     return out
 
 
-@torch.no_grad()
-def _val_nll(model: nn.Module, val_ids: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    for row in val_ids:
-        logits = model(row[None]).logits[0, :-1].float()
-        total += float(nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
-        count += row.numel() - 1
-    return total / count
-
-
-class _DenseView(nn.Module):
-    """Stand-in for a BitStackLinear during ranking: a cached dense Ŵ_b, swapped per level."""
-
-    def __init__(self, weight: torch.Tensor, bias):
-        super().__init__()
-        self.weight, self.bias = weight, bias
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-@torch.no_grad()
-def _ppl_order(model: nn.Module, mods: dict[str, BitStackLinear], val_ids: torch.Tensor, levels: int,
-               progress: bool) -> list[tuple[str, int]]:
-    """The reference's level-major perplexity ranking for levels 1..levels (block index = level)."""
-    views = {}
-    for name, mod in mods.items():
-        views[name] = _DenseView(bitstack.reconstruct(mod.packed(), 1), mod.bias)
-        replace_module(model, name, views[name])
-    order = []
-    try:
-        for level in range(1, levels + 1):
-            cur = {n: v.weight for n, v in views.items()}
-            nxt = {n: bitstack.reconstruct(mods[n].packed(), level + 1) for n in mods}
-            scores = []
-            for name in progress_bar(list(mods), desc=f"bitstack ppl ranking, level {level}", disable=not progress):
-                views[name].weight = nxt[name]
-                scores.append((_val_nll(model, val_ids), name))
-                views[name].weight = cur[name]
-            order += [(name, level) for nll, name in sorted(scores, key=lambda t: (math.isnan(t[0]), t[0]))]
-            for name in mods:
-                views[name].weight = nxt[name]
-    finally:
-        for name, mod in mods.items():
-            replace_module(model, name, mod)
-    return order
-
-
 # ---- the pass ---------------------------------------------------------------------------------
 
 def _windows(cfg: BitStackPassConfig, calib) -> torch.Tensor:
@@ -426,18 +392,21 @@ def apply(model: nn.Module, cfg: BitStackPassConfig, progress: bool = True, scop
     watch = _watch_points(model, chosen)
     was_training = model.training
     model.eval()
-    stats = _calibrate(model, set(watch.values()), ids[:cfg.calib_samples, :cfg.calib_seq_len],
-                       gram=True, progress=progress)
+    with stage(f"bitstack calibration ({cfg.calib_samples} windows x {cfg.calib_seq_len} tokens)", progress):
+        stats = _calibrate(model, set(watch.values()), ids[:cfg.calib_samples, :cfg.calib_seq_len],
+                           gram=True, progress=progress)
     layers = []
     if cfg.scale:
         layers = [(_name_of(model, layer), layer) for layer in _llama_layers(model)]
-    gains = _decompose(model, cfg, chosen, watch, stats, layers, progress)
+    with stage(f"bitstack decomposition ({len(chosen)} linears x {cfg.n_blocks} blocks)", progress):
+        gains = _decompose(model, cfg, chosen, watch, stats, layers, progress)
     stats.clear()
     mods = {n: model.get_submodule(n) for n in chosen}
     if cfg.n_blocks > 1:
         if cfg.order == "ppl":
             levels = cfg.n_blocks - 1 if cfg.ppl_levels == 0 else min(cfg.ppl_levels, cfg.n_blocks - 1)
-            order = _ppl_order(model, mods, ids[cfg.calib_samples:, :cfg.val_seq_len], levels, progress)
+            with stage(f"bitstack perplexity ranking ({levels} levels x {len(mods)} evaluations)", progress):
+                order = _ppl_order(model, mods, ids[cfg.calib_samples:, :cfg.val_seq_len], levels, progress)
             if levels < cfg.n_blocks - 1:  # the rest level by level, by the error proxy
                 order += [(n, i) for n, i in _proxy_order(gains, levels_from=levels + 1)]
         else:

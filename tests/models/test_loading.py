@@ -251,14 +251,27 @@ def test_excerpts_are_reproducible(tmp_path):
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, str(root / "tools" / "make_text_excerpts.py"),
                     "/work/shared/data/python-docs-en.txt", str(tmp_path)], check=True, capture_output=True)
-    for split in ("calib", "eval"):
+    for split in ("calib", "eval", "calib_large"):
         assert (tmp_path / f"{split}.txt").read_text(encoding="utf-8") == default_text(split)
 
 
+def test_large_calibration_text_is_disjoint_from_eval():
+    """The shipped 1 MB calibration text (recipes/bitstack.yaml's default): ~1 MB of prose,
+    starts with the 120 KB calibration excerpt, shares no paragraph with the evaluation
+    excerpt, and holds the 201 disjoint 512-token windows that recipe draws."""
+    large = default_text("calib_large")
+    paras = {p.strip() for p in _paragraphs(large)}
+    assert 900_000 < len(large.encode("utf-8")) < 1_200_000
+    assert large.startswith(default_text("calib").rstrip("\n"))
+    assert not paras & {p.strip() for p in _paragraphs(default_text("eval"))}
+    words = large.split()
+    assert sum(w.lower() in ("the", "a", "of", "is", "to") for w in words) > 0.05 * len(words)
+    assert len(words) > 201 * 512 * 0.6  # SmolLM2's tokenizer: ~1.4 tokens per word here
+
+
 @pytest.mark.skipif(not Path("/work/shared/data/python-docs-en.txt").exists(), reason="corpus not on this machine")
-def test_large_calibration_text_is_disjoint_from_eval(tmp_path):
-    """tools/make_text_excerpts.py --calib-large: ~1 MB, contains the shipped calibration
-    excerpt, shares no paragraph with the evaluation excerpt."""
+def test_calib_large_flag_writes_the_shipped_text(tmp_path):
+    """tools/make_text_excerpts.py --calib-large FILE writes exactly the shipped calib_large.txt."""
     import subprocess
     import sys
 
@@ -266,11 +279,7 @@ def test_large_calibration_text_is_disjoint_from_eval(tmp_path):
     out = tmp_path / "calib_large.txt"
     subprocess.run([sys.executable, str(root / "tools" / "make_text_excerpts.py"), "--calib-large", str(out),
                     "/work/shared/data/python-docs-en.txt"], check=True, capture_output=True)
-    large = out.read_text(encoding="utf-8")
-    paras = set(large.split("\n\n"))
-    assert len(large.encode("utf-8")) > 900_000
-    assert large.startswith(default_text("calib").rstrip("\n"))
-    assert not paras & {p.strip() for p in default_text("eval").split("\n\n")}
+    assert out.read_text(encoding="utf-8") == default_text("calib_large")
 
 
 def test_default_text_unknown_split():

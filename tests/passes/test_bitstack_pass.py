@@ -118,21 +118,66 @@ def test_ppl_levels_then_proxy(fp_model, levels):
 
 def test_shipped_recipe_is_the_measured_default():
     """recipes/bitstack.yaml holds the settings docs/benchmarks.md measured (rank 4, 3 ranked
-    levels, error-feedback signs with damp 0.3 on 48 calibration windows)."""
+    levels on one 512-token window, error-feedback signs with damp 0.1 on 200 calibration
+    windows of the shipped 1 MB text)."""
     cfg = quantkit.load_recipe("bitstack").passes[0].config
     assert (cfg.n_blocks, cfg.rank, cfg.svd, cfg.order, cfg.ppl_levels) == (16, 4, "lowrank", "ppl", 3)
-    assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 128, 48, 512)
-    assert (cfg.error_feedback, cfg.damp, cfg.sign_sweeps, cfg.factor_dtype) == (True, 0.3, 1, "int8")
+    assert (cfg.val_samples, cfg.val_seq_len, cfg.calib_samples, cfg.calib_seq_len) == (1, 512, 200, 512)
+    assert (cfg.error_feedback, cfg.damp, cfg.sign_sweeps, cfg.factor_dtype) == (True, 0.1, 1, "int8")
+    assert cfg.default_calib_text == "calib_large"
 
 
-def test_large_calibration_recipe_differs_only_where_documented():
-    """recipes/bitstack-large-calib.yaml = the shipped recipe but for calib_samples, damp and
-    val_seq_len (the values docs/benchmarks.md measured with a 1 MB calibration text)."""
+def test_fast_recipe_differs_only_where_documented():
+    """recipes/bitstack-fast.yaml = the shipped recipe but for the calibration text and size,
+    damp and val_seq_len (the round-4 settings docs/benchmarks.md measured)."""
     import dataclasses
     base = dataclasses.asdict(quantkit.load_recipe("bitstack").passes[0].config)
-    large = dataclasses.asdict(quantkit.load_recipe("bitstack-large-calib").passes[0].config)
-    diff = {k: large[k] for k in base if base[k] != large[k]}
-    assert diff == {"calib_samples": 200, "damp": 0.1, "val_seq_len": 512}
+    fast = dataclasses.asdict(quantkit.load_recipe("bitstack-fast").passes[0].config)
+    diff = {k: fast[k] for k in base if base[k] != fast[k]}
+    assert diff == {"calib_samples": 48, "damp": 0.3, "val_seq_len": 128, "default_calib_text": "calib"}
+
+
+def test_default_calib_text_unless_the_user_gives_one(fp_model):
+    """A pass's ``default_calib_text`` replaces the shipped 120 KB excerpt, never a text the
+    user gave; configs without the key keep the excerpt."""
+    from quantkit.calibration import calib_source
+    from quantkit.models.text import default_text
+
+    large = bs_pass.BitStackPassConfig(default_calib_text="calib_large")
+    assert calib_source(fp_model).for_config(large).text == default_text("calib_large")
+    assert calib_source(fp_model).for_config(bs_pass.BitStackPassConfig()).text == default_text("calib")
+    assert calib_source(fp_model).for_config(object()).text == default_text("calib")
+    mine = calib_source(fp_model, "My own calibration text. " * 50)
+    assert mine.explicit and mine.for_config(large) is mine
+    with pytest.raises(ValueError, match="default_calib_text.*calib, calib_large"):
+        bs_pass.BitStackPassConfig(default_calib_text="eval")
+
+
+@pytest.mark.parametrize("user_text", [None, "User text for calibration, repeated. " * 400])
+def test_compress_calibrates_on_the_pass_default_text(fp_model, monkeypatch, user_text):
+    """quantkit.compress hands the bitstack pass the text its recipe names, or the user's."""
+    from quantkit.models.text import default_text
+
+    seen = []
+    real = CalibSource.batches
+    monkeypatch.setattr(CalibSource, "batches", lambda self, *a, **k: seen.append(self.text) or real(self, *a, **k))
+    quantkit.compress(fp_model, _recipe(n_blocks=2, default_calib_text="calib_large"), progress=False,
+                      calib_text=user_text)
+    assert seen == [user_text if user_text is not None else default_text("calib_large")]
+
+
+def test_streaming_calibrates_on_the_pass_default_text():
+    """Streaming compress (CalibratedStream) reads the same default text as quantkit.compress,
+    and the resume fingerprint follows it."""
+    from quantkit.models.text import default_text
+    from quantkit.stream_calibration import CalibratedStream
+
+    large = quantkit.load_recipe(_recipe(default_calib_text="calib_large"))
+    small = quantkit.load_recipe(_recipe())
+    assert CalibratedStream(None, large, None).text == default_text("calib_large")
+    assert CalibratedStream(None, small, None).text == default_text("calib")
+    assert CalibratedStream(None, large, "mine").text == "mine"
+    assert CalibratedStream(None, large, None).fingerprint() != CalibratedStream(None, small, None).fingerprint()
 
 
 def test_budgets_never_exceeded_within_one_block(fp_model, bs_dir):

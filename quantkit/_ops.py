@@ -39,6 +39,8 @@ lut4_linear(x, packed, absmax, code, blocksize, out_features, in_features, bias?
     keep fp32 weights for every dtype.
 bitstack_dequantize(signs, u, v, scale?) / bitstack_linear(x, signs, u, v, bias?, scale?)
     BitStack residual blocks; documented in the BitStack section below.
+bitstack_feedback_signs(r, mag, hinv_u, cols) / bitstack_refine_signs(r, mag, signs, h, sweeps, cols)
+    BitStack's compress-time sign choice (error feedback, coordinate descent); same section.
 """
 
 from __future__ import annotations
@@ -340,6 +342,63 @@ def _bitstack_linear_fake(x, signs, u, v, bias, scale=None):
                  lambda: f"bitstack_linear: x has last dim {x.shape[-1]} but the weight is "
                          f"{u.shape[1]}x{v.shape[2]}")
     return x.new_empty((*x.shape[:-1], u.shape[1]))
+
+
+# BitStack compress-time sign choice (quantkit/formats/bitstack.py), fp32 throughout:
+# bitstack_feedback_signs(r, mag, hinv_u, cols) -> Tensor
+#     r, mag [m, n], hinv_u [n, n] (upper Cholesky factor of the damped inverse Gram):
+#     signs ±1 [m, n] of the block S ⊙ mag chosen column by column with GPTQ error feedback.
+# bitstack_refine_signs(r, mag, signs, h, sweeps, cols) -> Tensor
+#     h [n, n] the damped Gram: ``sweeps`` coordinate-descent sweeps over ``signs``.
+#     Both take columns in groups of ``cols``. The native CPU kernel (csrc/ops/bitstack_sign_ops.cpp)
+#     runs the sequential per-column loop in C++; the same arithmetic as the reference up to
+#     the rounding of torch's vectorised kernels, so a near-tie can resolve differently.
+_lib.define("bitstack_feedback_signs(Tensor r, Tensor mag, Tensor hinv_u, int cols=32) -> Tensor")
+_lib.define("bitstack_refine_signs(Tensor r, Tensor mag, Tensor signs, Tensor h, int sweeps, int cols=32) -> Tensor")
+
+
+def _check_sign_args(op, r, mag, square, name, cols, signs=None) -> None:
+    torch._check(r.dim() == 2, lambda: f"{op}: r must be 2-D [m, n], got {list(r.shape)}")
+    m, n = r.shape
+    for what, t, shape in (("r", r, (m, n)), ("mag", mag, (m, n)), (name, square, (n, n)),
+                           ("signs", signs, (m, n))):
+        if t is not None:
+            torch._check(t.dtype == torch.float32 and tuple(t.shape) == shape,
+                         lambda: f"{op}: {what} must be float32 {list(shape)}, got {t.dtype} {list(t.shape)}")
+    torch._check(cols >= 1, lambda: f"{op}: cols must be >= 1, got {cols}")
+
+
+def bitstack_feedback_signs_reference(r, mag, hinv_u, cols=32):
+    """Pure-torch reference (quantkit.formats.bitstack._feedback_signs)."""
+    from quantkit.formats.bitstack import _feedback_signs
+
+    _check_sign_args("bitstack_feedback_signs", r, mag, hinv_u, "hinv_u", cols)
+    return _feedback_signs(r, mag, hinv_u, cols)
+
+
+def bitstack_refine_signs_reference(r, mag, signs, h, sweeps, cols=32):
+    """Pure-torch reference (quantkit.formats.bitstack._refine_signs)."""
+    from quantkit.formats.bitstack import _refine_signs
+
+    _check_sign_args("bitstack_refine_signs", r, mag, h, "h", cols, signs)
+    torch._check(sweeps >= 0, lambda: f"bitstack_refine_signs: sweeps must be >= 0, got {sweeps}")
+    return _refine_signs(r, mag, signs, h, sweeps, cols)
+
+
+_lib.impl("bitstack_feedback_signs", bitstack_feedback_signs_reference, "CompositeExplicitAutograd")
+_lib.impl("bitstack_refine_signs", bitstack_refine_signs_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("quantkit::bitstack_feedback_signs")
+def _bitstack_feedback_signs_fake(r, mag, hinv_u, cols=32):
+    _check_sign_args("bitstack_feedback_signs", r, mag, hinv_u, "hinv_u", cols)
+    return r.new_empty(r.shape)
+
+
+@torch.library.register_fake("quantkit::bitstack_refine_signs")
+def _bitstack_refine_signs_fake(r, mag, signs, h, sweeps, cols=32):
+    _check_sign_args("bitstack_refine_signs", r, mag, h, "h", cols, signs)
+    return r.new_empty(r.shape)
 
 
 # Autograd for x and bias (the blocks are frozen): dx = dy @ Ŵ, dbias = Σ dy.

@@ -324,9 +324,10 @@ def quantize(w: torch.Tensor, n_blocks: int = 16, rank: int = 16, svd: str = "ex
         if hinv_u is None:
             s = torch.where(r >= 0, 1.0, -1.0)
         else:
-            s = _feedback_signs(r, mag, hinv_u)
+            # torch.ops: the C++ CPU loop when quantkit._C is built, else the references below
+            s = torch.ops.quantkit.bitstack_feedback_signs(r, mag, hinv_u)
             if sign_sweeps:
-                s = _refine_signs(r, mag, s, h_damped, sign_sweeps)
+                s = torch.ops.quantkit.bitstack_refine_signs(r, mag, s, h_damped, sign_sweeps)
         signs.append(pack_signs(s))
         # fp16: the fp32 u, v (as the reference); int8: exactly the stored factors
         r -= s * mag

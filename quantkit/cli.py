@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted compress of the same MODEL and RECIPE into OUT from its last "
                         "finished block (kept in .OUT.partial next to OUT)")
     c.add_argument("--calib-text", metavar="FILE",
-                   help="UTF-8 text for calibrated passes such as DB-LLM and BitStack (default: the calibration "
-                        "excerpt shipped with quantkit)")
+                   help="UTF-8 text for calibrated passes such as DB-LLM and BitStack (default: the text the "
+                        "recipe names with default_calib_text, else the 120 KB calibration excerpt shipped "
+                        "with quantkit; recipes/bitstack.yaml uses the shipped 1 MB text)")
     c.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="split OUT's weights into safetensors shards of at most SIZE (e.g. 500MB, 2GB; default 2GB)")
     _add_common(c)

@@ -11,7 +11,8 @@ then add one line here.
 
 Calibrated passes (DB-LLM, BitStack) set ``calibrated=True``; ``quantkit.compress`` then
 calls ``apply(model, config, progress, scope="", calib=CalibSource)`` (quantkit/calibration.py:
-token windows from ``--calib-text`` or the shipped excerpt) on the whole, full-precision
+token windows from ``--calib-text``, else the shipped text the config's ``default_calib_text``
+names, else the 120 KB excerpt; ``CalibSource.for_config``) on the whole, full-precision
 model. A calibrated pass that can also run one decoder block at a time gives a ``stream``
 class (see ``BitStackStream``); streaming compress (quantkit/streaming.py) then drives it:
   1. ``stream.refusal(config)``: None, or why this config needs the whole model;

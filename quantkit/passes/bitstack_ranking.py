@@ -31,16 +31,17 @@ from quantkit.progress import progress_bar
 REPLAY_RTOL = 1e-5  # relative NLL difference tolerated between replay and full forward
 
 
+def _nll_sum(logits: torch.Tensor, row: torch.Tensor) -> float:
+    """Σ next-token NLL (nats) of one window: logits [1, tokens, vocab], row int64 [tokens]."""
+    return float(nn.functional.cross_entropy(logits[0, :-1].float(), row[1:], reduction="sum"))
+
+
 @torch.no_grad()
 def val_nll(model: nn.Module, val_ids: torch.Tensor) -> float:
     """Mean next-token NLL (nats) of ``model`` over the rows of ``val_ids`` (int64 [rows, tokens]),
     one row per forward."""
-    total, count = 0.0, 0
-    for row in val_ids:
-        logits = model(row[None], use_cache=False).logits[0, :-1].float()
-        total += float(nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
-        count += row.numel() - 1
-    return total / count
+    total = sum(_nll_sum(model(row[None], use_cache=False).logits, row) for row in val_ids)
+    return total / (val_ids.shape[0] * (val_ids.shape[1] - 1))
 
 
 class SuffixNLL:
@@ -75,45 +76,39 @@ class SuffixNLL:
 
     @torch.no_grad()
     def snapshot(self) -> float:
-        """Run the full model on every row, keeping each layer's input and keyword arguments;
-        returns the NLL (same as ``val_nll``)."""
-        self._cache = []
-        handles = []
-        for i, layer in enumerate(self.layers):
-            def hook(module, args, kwargs, i=i):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values",
-                                                                    "past_key_value")}
-                kw["use_cache"] = False
-                self._cache[-1].append((hidden.detach(), kw))
-            handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        """Run the full model on every row (``val_nll``), keeping each layer's input and keyword
+        arguments; returns that NLL."""
+        seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+            kw["use_cache"] = False
+            seen.append((hidden.detach(), kw))
+
+        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
         try:
-            total, count = 0.0, 0
-            for row in self.val_ids:
-                self._cache.append([])
-                logits = self.model(row[None], use_cache=False).logits[0, :-1].float()
-                total += float(nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
-                count += row.numel() - 1
+            nll = val_nll(self.model, self.val_ids)
         finally:
             for h in handles:
                 h.remove()
-        if any(len(c) != len(self.layers) for c in self._cache):
-            raise RuntimeError("the model's forward did not call every decoder layer once")
-        return total / count
+        n = len(self.layers)
+        if len(seen) != n * len(self.val_ids):
+            raise RuntimeError("the model's forward did not call every decoder layer once per window")
+        self._cache = [seen[i * n:(i + 1) * n] for i in range(len(self.val_ids))]
+        return nll
 
     @torch.no_grad()
     def nll_from(self, first: int) -> float:
         """NLL with layers ``first``.. re-run on the inputs the last ``snapshot`` recorded."""
-        total, count = 0.0, 0
+        total = 0.0
         for row, cache in zip(self.val_ids, self._cache):
             h = cache[first][0]
             for i in range(first, len(self.layers)):
                 out = self.layers[i](h, **cache[i][1])
                 h = out[0] if isinstance(out, tuple) else out
-            logits = self.head(self.norm(h))[0, :-1].float()
-            total += float(nn.functional.cross_entropy(logits, row[1:], reduction="sum"))
-            count += row.numel() - 1
-        return total / count
+            total += _nll_sum(self.head(self.norm(h)), row)
+        return total / (self.val_ids.shape[0] * (self.val_ids.shape[1] - 1))
 
 
 class DenseView(nn.Module):

@@ -46,7 +46,7 @@ class CalibSource:
         ``config.default_calib_text`` names (quantkit.models.text.default_text)."""
         from quantkit.models.text import default_text
 
-        name = getattr(config, "default_calib_text", "calib")
+        name = default_text_name(config)
         if self.explicit or name == "calib":
             return self
         return CalibSource(self.tokenizer, default_text(name))
@@ -75,6 +75,12 @@ class CalibSource:
         else:
             starts = torch.randint(0, total - seq_len + 1, (n_samples,), generator=g)
         return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def default_text_name(config) -> str:
+    """The shipped text (a ``quantkit.models.text.default_text`` split) a pass with ``config``
+    calibrates on when the user gives none: ``config.default_calib_text``, else "calib"."""
+    return getattr(config, "default_calib_text", "calib")
 
 
 def calib_source(model, text: Optional[str] = None) -> CalibSource:

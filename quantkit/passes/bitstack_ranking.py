@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from quantkit.formats import bitstack
+from quantkit.models.block_inputs import replay_kwargs
 from quantkit.passes.targets import replace_module
 from quantkit.progress import progress_bar
 
@@ -82,9 +83,7 @@ class SuffixNLL:
 
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
-            kw["use_cache"] = False
-            seen.append((hidden.detach(), kw))
+            seen.append((hidden.detach(), replay_kwargs(kwargs)))
 
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self.layers]
         try:

@@ -162,3 +162,27 @@ def test_mha_biases_bf16_shards_streamed_equals_whole_model(tiny_llama_dir, tmp_
     whole = quantkit.compress(str(src), str(recipe), progress=False)
     quantkit.save(whole, tmp_path / "m")
     assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()
+
+
+_BOTH_WAYS = """
+import sys
+import quantkit
+from quantkit.cli import main
+src, recipe, text, out = sys.argv[1:5]
+assert main(["compress", src, "--recipe", recipe, "-o", out + "/s", "--quiet", "--calib-text", text]) == 0
+whole = quantkit.compress(src, recipe, progress=False, calib_text=open(text, encoding="utf-8").read())
+quantkit.save(whole, out + "/m")
+"""
+
+
+@pytest.mark.parametrize("env", [{"QUANTKIT_CPU_ISA": "avx2"}, {"QUANTKIT_CPU_ISA": "scalar"},
+                                 {"QUANTKIT_KERNEL": "torch"}], ids=["avx2", "scalar", "torch-reference"])
+def test_streamed_equals_whole_model_on_every_kernel_path(tiny_llama_dir, setup, tmp_path, env):
+    """Both passes run the same shapes through the same kernels, so whichever kernel path a
+    CPU takes (AVX-512 / AVX2 / scalar, or the pure-torch reference) they agree byte for byte."""
+    recipe, text, _ = setup
+    run_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), **env)
+    proc = subprocess.run([sys.executable, "-c", _BOTH_WAYS, str(tiny_llama_dir), str(recipe), str(text),
+                           str(tmp_path)], env=run_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == (tmp_path / "m" / "model.safetensors").read_bytes()

@@ -530,6 +530,13 @@ torch.library.register_autograd("quantkit::dualbin_linear", _dualbin_linear_back
 
 
 # ----------------------------------------------------------------------------------------
+# Embedding lookups on packed tables (intk_embedding, lut4_embedding): defined in their own
+# module, before the native kernels register against them.
+# ----------------------------------------------------------------------------------------
+from quantkit import _ops_embedding  # noqa: E402,F401
+
+
+# ----------------------------------------------------------------------------------------
 # Native kernels
 # ----------------------------------------------------------------------------------------
 KERNEL_MODE = os.environ.get("QUANTKIT_KERNEL", "auto").strip().lower()

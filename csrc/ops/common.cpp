@@ -1,6 +1,8 @@
 // Shared glue of the per-format CPU ops; see common.h.
 #include "ops/common.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cstdlib>
 
@@ -76,6 +78,27 @@ at::Tensor tiled_dequant_mm(const at::Tensor& x2, int64_t n, const std::optional
     else y = (y.to(at::kFloat) + bias->to(at::kFloat)).to(st);
   }
   return y;
+}
+
+at::Tensor gather_rows(const at::Tensor& ids, int64_t rows, int64_t cols, const char* op, DecodeRow decode_row) {
+  TORCH_CHECK(ids.device().is_cpu(), op, ": ids must be on the CPU, got ", ids.device());
+  TORCH_CHECK(at::isIntegralType(ids.scalar_type(), /*includeBool=*/false), op, ": ids must be an integer tensor, got ",
+              ids.scalar_type());
+  const at::Tensor flat = ids.reshape({-1}).to(at::kLong).contiguous();
+  const int64_t m = flat.numel();
+  const int64_t* id = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i)  // checked before any work: a bad id leaves nothing half-written
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "token id ", id[i], " is outside the embedding table of ", rows,
+                      " rows");
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(cols);
+  at::Tensor out = at::empty(shape, flat.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  // one decoded row per token; a prompt of a few hundred tokens splits across the threads
+  at::parallel_for(0, m, 16, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) decode_row(id[i], dst + i * cols);
+  });
+  return out;
 }
 
 const void* bias_data(const std::optional<at::Tensor>& bias, at::Tensor& keep) {

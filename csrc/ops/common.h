@@ -69,6 +69,14 @@ using DequantRows = c10::function_ref<void(int64_t n0, int64_t n1, void* dst)>;
 at::Tensor tiled_dequant_mm(const at::Tensor& x2, int64_t n, const std::optional<at::Tensor>& bias,
                             DequantRows dequant_rows);
 
+// Writes row `row` of the dequantized table into dst (fp32 [cols]).
+using DecodeRow = c10::function_ref<void(int64_t row, float* dst)>;
+
+// out [*ids.shape, cols] fp32: row ids[i] of a packed [rows, cols] table, decoded by
+// decode_row (an embedding lookup that never dequantizes the rows it does not gather).
+// ids: any integer dtype on the CPU; an id outside [0, rows) is an IndexError naming it.
+at::Tensor gather_rows(const at::Tensor& ids, int64_t rows, int64_t cols, const char* op, DecodeRow decode_row);
+
 // Raw pointer to a contiguous copy of bias for the small-m kernels: keeps the copy alive in
 // `keep`; nullptr when there is no bias.
 const void* bias_data(const std::optional<at::Tensor>& bias, at::Tensor& keep);

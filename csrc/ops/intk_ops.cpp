@@ -85,6 +85,14 @@ at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// Rows ids of the table [rows, cols] (one per token), bit-identical to intk_dequantize.
+at::Tensor intk_embedding_cpu(const at::Tensor& ids, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                              double offset, int64_t rows, int64_t cols) {
+  constexpr const char* op = "intk_embedding";
+  const cpu::IntKWeight w = make_intk(packed, scale, bits, offset, rows, cols, op);
+  return gather_rows(ids, rows, cols, op, [&](int64_t r, float* dst) { cpu::intk_dequantize_rows(w, r, r + 1, dst); });
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace quantkit
@@ -92,4 +100,5 @@ at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("intk_dequantize", &quantkit::ops::intk_dequantize_cpu);
   m.impl("intk_linear", &quantkit::ops::intk_linear_cpu);
+  m.impl("intk_embedding", &quantkit::ops::intk_embedding_cpu);
 }

@@ -161,6 +161,19 @@ at::Tensor lut4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   return y;
 }
 
+// Rows ids of the table [rows, cols], each decoded on its own (lut4_dequantize_rows handles
+// a row that starts inside a block or on an odd nibble), bit-identical to lut4_dequantize.
+at::Tensor lut4_embedding_cpu(const at::Tensor& ids, const at::Tensor& packed, const at::Tensor& absmax,
+                              const at::Tensor& code, int64_t blocksize, int64_t rows, int64_t cols,
+                              const std::optional<at::Tensor>& absmax_code,
+                              const std::optional<at::Tensor>& absmax_scale, double absmax_offset,
+                              int64_t absmax_blocksize) {
+  constexpr const char* op = "lut4_embedding";
+  const cpu::Lut4Weight w = make_lut4(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale,
+                                      absmax_offset, absmax_blocksize, op);
+  return gather_rows(ids, rows, cols, op, [&](int64_t r, float* dst) { cpu::lut4_dequantize_rows(w, r, r + 1, dst); });
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace quantkit
@@ -168,4 +181,5 @@ at::Tensor lut4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("lut4_dequantize", &quantkit::ops::lut4_dequantize_cpu);
   m.impl("lut4_linear", &quantkit::ops::lut4_linear_cpu);
+  m.impl("lut4_embedding", &quantkit::ops::lut4_embedding_cpu);
 }

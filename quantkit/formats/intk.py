@@ -149,3 +149,30 @@ def dequantize(q: IntKWeight, dtype: torch.dtype = torch.float32) -> torch.Tenso
 def payload_bits(state: IntKState) -> float:
     """Information content of a code (log2 of the grid's level count): 1.58 for ternary."""
     return math.log2(3) if state.grid == "ternary" else float(state.bits)
+
+
+def quantize_rows(w: torch.Tensor, bits: int = 8, dtype: str = "float32") -> IntKWeight:
+    """Round-to-nearest, symmetric, one scale per row: scale[r] = max|w[r]| / (2^(bits-1) - 1),
+    code = round(w / scale) + 2^(bits-1), so values run over ±(2^(bits-1) - 1)·scale (the
+    lowest code, -2^(bits-1), is never produced). An all-zero row gets scale 0 (decodes to 0).
+    w: [N, K] any float dtype (read, never modified); bits 2..8. Rows are done in chunks of
+    ~4 M weights, so a 262k-row embedding table needs no full-size fp32 temporaries."""
+    if w.dim() != 2:
+        raise FormatError(f"quantize_rows needs a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if not 2 <= bits <= 8:
+        raise FormatError(f"quantize_rows supports 2..8 bits, got {bits}")
+    n, k = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    offset = 2 ** (bits - 1)
+    scale = torch.empty(n, dtype=torch.float32)
+    packed = torch.empty((n, row_bytes(k, bits)), dtype=torch.uint8)
+    step = max(1, _CHUNK_ROWS_ELEMENTS // max(k, 1))
+    for r0 in range(0, n, step):
+        rows = w[r0:r0 + step].detach().to(torch.float32).cpu()
+        s = rows.abs().amax(dim=1) / qmax
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        codes = torch.clamp(torch.round(rows / safe[:, None]), -qmax, qmax).to(torch.int64) + offset
+        scale[r0:r0 + step] = s
+        packed[r0:r0 + step] = pack_codes(codes, bits)
+    state = IntKState(bits, float(offset), "lsq", (int(n), int(k)), dtype)
+    return IntKWeight(packed, scale, state)

@@ -34,7 +34,7 @@ from torch import nn
 from quantkit.errors import CheckpointError, FormatError, UsageError
 from quantkit.io import shards
 from quantkit.io.shards import DEFAULT_SHARD_BYTES, INDEX_NAME, WEIGHTS_NAME
-from quantkit.nn import PACKED_MODULES
+from quantkit.nn import EMBEDDINGS, PACKED_MODULES, TIED_HEAD, bind_tied_heads
 from quantkit.passes.targets import replace_module
 
 ARTIFACT_VERSION = 1
@@ -230,6 +230,10 @@ def _parse_metadata(path: Path, meta: dict, tensors: dict) -> tuple[dict, dict, 
         elif not (isinstance(spec.get("bits_per_weight"), (int, float)) and not isinstance(spec["bits_per_weight"], bool)
                   and math.isfinite(spec["bits_per_weight"])):
             bad = "has no numeric bits_per_weight"
+        elif spec["format"] == TIED_HEAD:
+            target = modules.get(spec.get("tied_to"))
+            if not (isinstance(target, dict) and target.get("format") in EMBEDDINGS):
+                bad = f"is tied to {str(spec.get('tied_to'))[:200]!r}, which is not a packed embedding in the file"
         elif not any(k == name + ".weight" or k.startswith(name + ".weight.") for k in tensors):
             bad = "has no tensors in the file"
         if bad:
@@ -363,6 +367,7 @@ def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
                               f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     if info["tied"]:
         model.tie_weights()
+    bind_tied_heads(model)  # a packed head tied to the packed embedding reads its table
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CheckpointError(f"{info['path']}: tensors not found in the file: {still_meta[:5]}")

@@ -22,6 +22,10 @@ keys, byte for byte, so the export is mostly a copy:
   is not mistaken for a quantkit artifact). A weight quantkit stored once because it
   aliases another (``quantkit.tied``) is written back only if transformers does not tie
   it itself.
+* the token embedding and output head packed by the embeddings pass (int8 / nf4 / fp4 /
+  16-bit tables) are written as dense fp32 ``<name>.weight`` with their decoded values,
+  since bitsandbytes has no packed embedding; a head tied to the embedding is left to
+  transformers' own tying. The folder is larger than the artifact by that much.
 * every other file of the artifact (tokenizer, generation_config.json, ...) is copied.
 
 bitsandbytes reads blocksize and double-quant per tensor from each
@@ -64,6 +68,58 @@ def _lut4_bnb_args(name: str, spec: dict) -> dict:
 HF_BNB_FORMATS: dict[str, tuple[str, Callable[[str, dict], dict]]] = {
     "lut4": ("nf4/fp4 as bitsandbytes Linear4bit", _lut4_bnb_args),
 }
+
+
+# formats of the embeddings pass (token embedding, output head): bitsandbytes holds neither
+# packed, so the export writes them as dense fp32 tables (the decoded values exactly); a head
+# tied to the embedding is left out (transformers ties it on load, tie_word_embeddings)
+# (and an int8 head, format intk, whatever its name says: bnb has no int8 4-bit-config layer)
+TABLE_FORMATS = ("intk_embedding", "lut4_embedding", "dense_embedding", "tied_head", "dense")
+
+
+def _head_name(out_dir) -> str:
+    """Module name of the artifact model's output head (from config.json alone)."""
+    from transformers import AutoConfig
+
+    try:
+        skeleton = _skeleton(AutoConfig.from_pretrained(out_dir, local_files_only=True))
+    except Exception as e:
+        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
+    head = skeleton.get_output_embeddings()
+    return next((n for n, m in skeleton.named_modules() if m is head), "")
+
+
+def _check_tables(skeleton, tables: dict, path) -> None:
+    """The embeddings pass's modules must be the model's input embedding / output head."""
+    from quantkit.nn import TIED_HEAD
+
+    names = {n for n, m in skeleton.named_modules() if m is skeleton.get_input_embeddings()
+             or m is skeleton.get_output_embeddings()}
+    for name, spec in tables.items():
+        if name not in names:
+            raise FormatError(f"{path}: module {name} (format {spec['format']}) is not the model's input embedding or "
+                              f"output head")
+        if spec["format"] == TIED_HEAD and not getattr(skeleton.config.get_text_config(), "tie_word_embeddings",
+                                                       False):
+            raise FormatError(f"{path}: {name} is stored tied to {spec['tied_to']}, but config.json does not set "
+                              f"tie_word_embeddings, so transformers would not tie it")
+
+
+def _densify_tables(tensors: dict, tables: dict) -> None:
+    """Replace each packed table's tensors by ``<name>.weight`` fp32 (its decoded values)."""
+    from quantkit.nn import PACKED_MODULES, TIED_HEAD
+
+    for name, spec in tables.items():
+        own = {k: t for k, t in tensors.items() if k.startswith(name + ".")}
+        for k in own:
+            del tensors[k]
+        if spec["format"] == TIED_HEAD:
+            continue
+        module = PACKED_MODULES[spec["format"]].from_spec(spec, device="cpu")
+        module.load_state_dict({k[len(name) + 1:]: t for k, t in own.items()}, strict=True, assign=True)
+        tensors[name + ".weight"] = module.dequantized_weight().float().contiguous()
+        if module.bias is not None:
+            tensors[name + ".bias"] = module.bias.detach()
 
 
 def _shared_bnb_args(modules: dict) -> dict:
@@ -125,7 +181,9 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
 
     out_dir, dest = check_export_paths(out_dir, dest, overwrite)
     info = read_metadata(out_dir)
-    modules = info["modules"]
+    tables = {n: s for n, s in info["modules"].items() if s.get("format") in TABLE_FORMATS
+              or (n == _head_name(out_dir) and s.get("format") == "intk")}
+    modules = {n: s for n, s in info["modules"].items() if n not in tables}
     if not modules:
         raise UsageError(f"{out_dir} has no quantized modules; hf-bnb export needs at least one "
                          "(an unquantized artifact already loads with transformers as it is)")
@@ -152,6 +210,7 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
                               "refusing to replace it")
 
     skeleton = _skeleton(config)
+    _check_tables(skeleton, tables, info["path"])
     linear_names = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
     missing = [n for n in modules if n not in dict(skeleton.named_modules())]
     if missing:
@@ -160,6 +219,7 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     config.quantization_config = bnb_quantization_config(modules, skip)
 
     tensors = load_tensors(info)
+    _densify_tables(tensors, tables)
     for name, spec in modules.items():
         qkey = f"{name}.weight.quant_state.bitsandbytes__{spec['quant_type']}"
         if qkey not in tensors:

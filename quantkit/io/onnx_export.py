@@ -222,6 +222,13 @@ def _graph(name: str) -> Callable[[nn.Module], nn.Module]:
     return convert
 
 
+def _embeddings(name: str) -> Callable[[nn.Module], nn.Module]:
+    def convert(module):
+        from quantkit.io import onnx_embeddings
+        return getattr(onnx_embeddings, name)(module)
+    return convert
+
+
 # format -> (what it becomes, converter(module) -> export-ready module)
 ONNX_FORMATS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "lut4": ("nf4/fp4 as com.microsoft::MatMulBnb4", _lut4_to_onnx),
@@ -230,6 +237,13 @@ ONNX_FORMATS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "dualbin": ("DB-LLM dual-binary as a standard-op unpack + scaled planes + MatMul", _graph("dualbin_graph")),
     "bitstack": ("BitStack (the loaded blocks) as a standard-op unpack + Σ S ⊙ (u v) + MatMul",
                  _graph("bitstack_graph")),
+    "dense": ("bf16/fp16 head as Cast + MatMul", _embeddings("DenseLinearExport")),
+    "intk_embedding": ("int8 token embedding as Gather of the packed rows + decode", _embeddings("embedding_to_onnx")),
+    "lut4_embedding": ("nf4/fp4 token embedding as Gather of the packed nibbles + decode",
+                       _embeddings("embedding_to_onnx")),
+    "dense_embedding": ("bf16/fp16 token embedding as Gather + Cast", _embeddings("embedding_to_onnx")),
+    "tied_head": ("output head tied to the packed embedding, in that table's linear form",
+                  _embeddings("tied_head_to_onnx")),
 }
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
-from quantkit.passes import bitstack, dbllm, ptq_lut4, qat
+from quantkit.passes import bitstack, dbllm, embeddings, ptq_lut4, qat
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ PASSES: dict[str, PassSpec] = {
                     "4-bit NormalFloat PTQ, bitsandbytes layout"),
     "fp4": PassSpec("fp4", ptq_lut4.Lut4PassConfig, partial(ptq_lut4.apply, quant_type="fp4"),
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
+    "embeddings": PassSpec("embeddings", embeddings.EmbeddingsPassConfig, embeddings.apply,
+                           "token embedding and output head stored int8 / nf4 / fp4 / 16-bit (tied: once)"),
     "qat": PassSpec("qat", qat.QATPassConfig, qat.apply,
                     "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
     "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,

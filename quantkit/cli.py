@@ -269,6 +269,8 @@ def inspect_artifact(out) -> dict:
                      "bits_per_weight": 8 * nbytes / n,
                      # codes + scales only, without the per-layer lookup tables (what large layers approach)
                      "payload_bits_per_weight": spec["bits_per_weight"]})
+        if spec.get("format") == "tied_head":  # its bytes are the embedding's: counted there once
+            continue
         packed_bits += 8 * nbytes
         packed_weights += n
     dense = {k: v for k, v in info["tensors"].items()
@@ -288,11 +290,12 @@ def cmd_inspect(args) -> int:
         print(json.dumps(s, indent=2))
         return 0
     width = max([len(r["module"]) for r in s["modules"]] + [6])
-    print(f"{'module':<{width}}  {'format':<10} {'shape':>12}  {'bytes':>10}  bits/weight  payload bits/weight")
+    fw = max([len(r["format"]) for r in s["modules"]] + [10])
+    print(f"{'module':<{width}}  {'format':<{fw}} {'shape':>12}  {'bytes':>10}  bits/weight  payload bits/weight")
     for r in s["modules"]:
         shape = "x".join(map(str, r["shape"]))
-        print(f"{r['module']:<{width}}  {r['format']:<10} {shape:>12}  {r['bytes']:>10}  {r['bits_per_weight']:>11.3f}"
-              f"  {r['payload_bits_per_weight']:>18.3f}")
+        print(f"{r['module']:<{width}}  {r['format']:<{fw}} {shape:>12}  {r['bytes']:>10}  "
+              f"{r['bits_per_weight']:>11.3f}  {r['payload_bits_per_weight']:>18.3f}")
     recipe = (s["recipe"] or {}).get("name", "?")
     print(f"\n{s['n_packed']} packed modules, {s['packed_weights']:,} weights at {s['bits_per_weight_packed']:.3f} "
           f"bits/weight; {s['dense_params']:,} unquantized params ({s['dense_bytes'] / 1e6:.1f} MB); "

@@ -9,9 +9,11 @@ from quantkit.recipe import Recipe, load_recipe, shipped_recipes_dir
 @pytest.mark.parametrize("name", ["nf4", "fp4"])
 def test_shipped_recipes_load(name):
     r = load_recipe(shipped_recipes_dir() / f"{name}.yaml")
-    assert [p.name for p in r.passes] == [name]
+    assert [p.name for p in r.passes] == [name, "embeddings"]
     cfg = r.passes[0].config
     assert cfg.blocksize == 64 and cfg.double_quant is True and cfg.ignore == ("lm_head",)
+    emb = r.passes[1].config  # the head the first pass ignores, and the embedding, as int8 rows
+    assert (emb.embed, emb.head) == ("int8", "int8")
     assert load_recipe(name) == r  # shipped name resolves to the same file
     assert Recipe.from_dict(r.to_dict()) == r  # dict round trip
 

@@ -184,3 +184,22 @@ def test_quality_int8_rows_within_half_a_step():
     blocks = w.reshape(-1, 64).abs().amax(1, keepdim=True)
     gap = float(lut4.code_table("nf4").sort().values.diff().max())
     assert ((lut4.dequantize(n4).reshape(-1, 64) - w.reshape(-1, 64)).abs() <= blocks * gap / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("embed,head", [("int8", "int8"), ("nf4", "bfloat16"), ("bfloat16", "int8")])
+def test_format_doc_names_every_spec_field(untied_dir, tiny_llama_dir, tmp_path, embed, head):
+    """docs/format.md's embeddings section documents each field the specs carry."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "format.md").read_text(encoding="utf-8")
+    for src in (untied_dir, tiny_llama_dir):
+        out = quantkit.save(quantkit.compress(str(src), _recipe(embed, head), progress=False), tmp_path / src.name)
+        info = artifact.read_metadata(out)
+        for name in ("model.embed_tokens", "lm_head"):
+            spec = info["modules"][name]
+            assert f"`{spec['format']}`" in doc
+            for field in spec:
+                assert f'"{field}"' in doc, f"spec field {field!r} of {spec['format']} is not in docs/format.md"
+        if embed == "int8":
+            t = info["tensors"]
+            assert t["model.embed_tokens.weight"]["dtype"] == "U8" and t["model.embed_tokens.weight_scale"]["dtype"] == "F32"

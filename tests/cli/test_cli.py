@@ -41,7 +41,7 @@ def test_compress_inspect_eval(tiny_llama_dir, tmp_path, capsys, recipe):
     code, stdout, _ = _run(capsys, "compress", str(tiny_llama_dir), "--recipe", str(RECIPES / f"{recipe}.yaml"),
                            "-o", str(out), "--quiet")
     assert code == 0, stdout
-    assert "14 packed modules" in stdout
+    assert "16 packed modules" in stdout  # 14 linears + the int8 embedding + the head tied to it
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert _hash_tree(tiny_llama_dir) == before  # input untouched
 
@@ -49,8 +49,9 @@ def test_compress_inspect_eval(tiny_llama_dir, tmp_path, capsys, recipe):
     assert code == 0
     assert f"lut4/{recipe}" in stdout and "model.layers.0.self_attn.q_proj" in stdout
     assert "payload bits/weight" in stdout
+    assert "intk_embedding" in stdout and "tied_head" in stdout
     code, stdout, _ = _run(capsys, "inspect", str(out), "--json")
-    rows = json.loads(stdout)["modules"]
+    rows = [r for r in json.loads(stdout)["modules"] if r["format"].startswith("lut4/")]
     assert len(rows) == 14
     for r in rows:
         n = r["shape"][0] * r["shape"][1]
@@ -74,7 +75,7 @@ def test_save_load_gives_bit_identical_logits(tiny_llama_dir, tmp_path):
         got = loaded(ids).logits
     assert torch.equal(ref, got)
     assert type(loaded).__name__ == "LlamaForCausalLM"
-    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    assert loaded.lm_head.embedding is loaded.model.embed_tokens  # still tied: the head reads the int8 table
 
 
 def test_out_exists_is_refused_then_overwritten(tiny_llama_dir, tmp_path, capsys):

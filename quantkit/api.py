@@ -66,7 +66,7 @@ def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, s
             changed = spec.apply(model, entry.config, progress=progress, calib=calib.for_config(entry.config))
         else:
             changed = spec.apply(model, entry.config, progress=progress)
-        if not changed and not allow_empty:
+        if not changed and not allow_empty and not spec.may_match_nothing:
             raise UsageError(f"recipe {recipe.name!r} pass {i} ({entry.name}) matched no module; check its "
                              "targets/ignore patterns (or pass allow_empty=True / --allow-empty)")
     model._quantkit_recipe = recipe

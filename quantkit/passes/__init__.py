@@ -47,6 +47,9 @@ class PassSpec:
     stream: Optional[type] = None  # block-by-block driver of a calibrated pass (see above)
     whole_model: str = ""  # why a calibrated pass without ``stream`` needs the whole model
     data_parallel: bool = False  # trains with its batches split across torch.distributed ranks
+    # a pass that may find nothing to do without that being a recipe mistake: the embeddings
+    # pass of the shipped nf4/fp4 recipes on a model without token embeddings (a plain MLP)
+    may_match_nothing: bool = False
 
 
 PASSES: dict[str, PassSpec] = {
@@ -55,7 +58,8 @@ PASSES: dict[str, PassSpec] = {
     "fp4": PassSpec("fp4", ptq_lut4.Lut4PassConfig, partial(ptq_lut4.apply, quant_type="fp4"),
                     "4-bit float (e2m1) PTQ, bitsandbytes layout"),
     "embeddings": PassSpec("embeddings", embeddings.EmbeddingsPassConfig, embeddings.apply,
-                           "token embedding and output head stored int8 / nf4 / fp4 / 16-bit (tied: once)"),
+                           "token embedding and output head stored int8 / nf4 / fp4 / 16-bit (tied: once)",
+                           may_match_nothing=True),
     "qat": PassSpec("qat", qat.QATPassConfig, qat.apply,
                     "quantization-aware training (quantkit.qat); compress = round-to-nearest, no training"),
     "bitstack": PassSpec("bitstack", bitstack.BitStackPassConfig, bitstack.apply,

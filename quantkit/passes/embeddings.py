@@ -123,8 +123,7 @@ def apply(model: nn.Module, cfg: EmbeddingsPassConfig, progress: bool = True, sc
     try:
         emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
-        raise UsageError(f"embeddings pass: {type(model).__name__} does not say which module is its input "
-                         f"embedding (get_input_embeddings)") from None
+        return []  # no token embedding (e.g. a plain MLP): nothing for this pass (PassSpec.may_match_nothing)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb_name, head_name = _name_of(model, emb), _name_of(model, head)
     tied = _tied(model, emb_name, head_name, head, emb)

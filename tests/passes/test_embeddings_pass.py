@@ -203,3 +203,13 @@ def test_format_doc_names_every_spec_field(untied_dir, tiny_llama_dir, tmp_path,
         if embed == "int8":
             t = info["tensors"]
             assert t["model.embed_tokens.weight"]["dtype"] == "U8" and t["model.embed_tokens.weight_scale"]["dtype"] == "F32"
+
+
+def test_shipped_nf4_recipe_on_a_model_without_embeddings():
+    """A plain MLP has no token embedding: the embeddings pass has nothing to do, which is
+    not a recipe mistake (PassSpec.may_match_nothing); the linears are still quantized."""
+    from quantkit.nn import Lut4Linear as L4
+
+    mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    out = quantkit.compress(mlp, "nf4", progress=False)
+    assert isinstance(out[0], L4) and isinstance(out[2], L4)

@@ -337,6 +337,29 @@ def _quiet_exporter():
             lg.setLevel(lv)
 
 
+def _share_identical_initializers(graph) -> int:
+    """Point every use of an initializer at the first one with the same dtype, shape and
+    bytes, and drop the copies; returns the bytes saved. A head tied to the packed embedding
+    exports as two modules holding the same packed table (the lookup and the head's MatMul);
+    without this the .onnx file would carry that table twice."""
+    import hashlib
+
+    first, saved = {}, 0
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or value.is_graph_input() or value.is_graph_output():
+            continue
+        raw = tensor.tobytes()
+        key = (str(tensor.dtype), tuple(tensor.shape), len(raw), hashlib.sha256(raw).digest())
+        kept = first.setdefault(key, value)
+        if kept is value:
+            continue
+        value.replace_all_uses_with(kept)
+        del graph.initializers[name]
+        saved += len(raw)
+    return saved
+
+
 def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bool = False,
                 memory_budget: Union[int, str, None] = None) -> Path:
     """Write ``dest``: ``model.onnx`` (input_ids -> logits) plus config and tokenizer files.
@@ -376,6 +399,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
         except Exception as e:
             raise FormatError(f"torch.onnx export of {type(model).__name__} failed: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+    _share_identical_initializers(program.model.graph)
     init_bytes = sum(int(v.const_value.nbytes) for v in program.model.graph.initializers.values()
                      if v.const_value is not None)
     external = init_bytes > SINGLE_FILE_LIMIT

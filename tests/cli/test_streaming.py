@@ -91,7 +91,8 @@ def test_sharded_output_reads_everywhere(tiny_llama_dir, tmp_path, capsys):
     shard_files = [f for f in files if f.startswith("model-")]
     assert len(shard_files) > 2
     info = artifact.read_metadata(tmp_path / "s")
-    assert len(info["modules"]) == 14 and [f.name for f in info["files"]] == shard_files
+    # 14 linears + the int8 embedding + the head tied to it
+    assert len(info["modules"]) == 16 and [f.name for f in info["files"]] == shard_files
     from quantkit.io.safetensors_check import validate_safetensors
     for f in info["files"]:  # every shard carries the same quantkit metadata
         assert validate_safetensors(f)["__metadata__"] == info["metadata"]
@@ -102,7 +103,7 @@ def test_sharded_output_reads_everywhere(tiny_llama_dir, tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(quantkit.load(tmp_path / "s")(ids).logits, model(ids).logits)
     code, stdout, _ = _run(capsys, "inspect", tmp_path / "s", "--json")
-    assert code == 0 and json.loads(stdout)["n_packed"] == 14
+    assert code == 0 and json.loads(stdout)["n_packed"] == 16  # 14 linears, the int8 embedding, the tied head
 
 
 def test_hf_bnb_export_of_sharded_artifact(tiny_llama_dir, tmp_path, capsys):

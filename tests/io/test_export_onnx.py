@@ -76,15 +76,16 @@ def test_ort_runs_export_with_packed_weights(artifacts, tmp_path, name):
     proto = onnx.load(str(dest / "model.onnx"))
     inits = _initializers(proto)
     bnb4 = [n for n in proto.graph.node if (n.domain, n.op_type) == ("com.microsoft", "MatMulBnb4")]
-    assert len(bnb4) == len(info["modules"])
+    assert len(bnb4) == sum(s["format"] == "lut4" for s in info["modules"].values())
     for node in bnb4:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         packed, absmax = inits[node.input[1]], inits[node.input[2]]
         n = attrs["K"] * attrs["N"]
         assert packed.dtype == np.uint8 and packed.shape == ((n + 1) // 2,)
         assert absmax.dtype == np.float32 and absmax.shape == (-(-n // attrs["block_size"]),)
+    lut4_specs = [s for s in info["modules"].values() if s["format"] == "lut4"]
     specs = sorted((s["out_features"], s["in_features"], s["blocksize"], {"fp4": 0, "nf4": 1}[s["quant_type"]])
-                   for s in info["modules"].values())
+                   for s in lut4_specs)
     got = sorted(tuple({a.name: a.i for a in nd.attribute}[k] for k in ("N", "K", "block_size", "quant_type"))
                  for nd in bnb4)
     assert got == specs
@@ -92,7 +93,9 @@ def test_ort_runs_export_with_packed_weights(artifacts, tmp_path, name):
     # the weights stay packed: fp32 initializers are only the dense tensors plus one fp32 absmax per block
     dense = sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in info["tensors"].items()
                 if v["dtype"] == "F32" and not any(k.startswith(m + ".") for m in info["modules"]))
-    scales = sum(4 * -(-s["in_features"] * s["out_features"] // s["blocksize"]) for s in info["modules"].values())
+    scales = sum(4 * -(-s["in_features"] * s["out_features"] // s["blocksize"]) for s in lut4_specs)
+    # the int8 embedding (shipped recipes): one fp32 scale per row, shared by the tied head
+    scales += sum(4 * s["out_features"] for s in info["modules"].values() if s["format"] == "intk_embedding")
     fp32 = sum(a.nbytes for a in inits.values() if a.dtype == np.float32)
     assert fp32 <= dense + scales + 16_384, (fp32, dense, scales)
     onnx_bytes = (dest / "model.onnx").stat().st_size
@@ -112,7 +115,8 @@ def test_external_data_past_the_single_file_limit(artifacts, tmp_path, monkeypat
 
     monkeypatch.setattr(onnx_export, "SINGLE_FILE_LIMIT", 0)
     dest = quantkit.export(artifacts["nf4"], to="onnx", dest=tmp_path / "onnx")
-    assert (dest / "model.onnx.data").stat().st_size > (dest / "model.onnx").stat().st_size
+    # the packed weights (not the graph, which on this tiny model is of the same size) are in the data file
+    assert (dest / "model.onnx.data").stat().st_size > 0.5 * (artifacts["nf4"] / "model.safetensors").stat().st_size
     model = quantkit.load(artifacts["nf4"])
     _max_diff(model, _session(dest), torch.randint(0, model.config.vocab_size, (2, 9)))
 
@@ -197,6 +201,10 @@ def test_smollm2_nf4_onnx_matches_quantkit(smollm2_nf4, tmp_path):
     _max_diff(model, _session(dest), ids)
 
 
+def model_table(out):
+    return quantkit.load(out).model.embed_tokens.dequantized_weight()
+
+
 def test_smollm2_nf4_hf_bnb_matches_quantkit(smollm2_nf4, tmp_path):
     """hf-bnb on the same real artifact (shares the compressed SmolLM2 with the ONNX test): the
     gguf-sourced quantization_config is replaced, tied embeddings load, logits match (1e-4 rel;
@@ -214,7 +222,11 @@ def test_smollm2_nf4_hf_bnb_matches_quantkit(smollm2_nf4, tmp_path):
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
             n_4bit += 1
-    assert n_4bit == len(read_metadata(smollm2_nf4)["modules"]) == 210
+    modules = read_metadata(smollm2_nf4)["modules"]
+    assert n_4bit == sum(s["format"] == "lut4" for s in modules.values()) == 210
+    # the int8 embedding is written as its fp32 decode and the head tied to it by transformers
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert torch.equal(hf.model.embed_tokens.weight.detach(), model_table(smollm2_nf4))
     model = quantkit.load(smollm2_nf4)
     ids = load_tokenizer(smollm2_nf4)("Readability counts. Special cases aren't special enough to break the rules.",
                                       return_tensors="pt")["input_ids"]

@@ -280,7 +280,7 @@ def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_s
                 pass
     tokenizer = load_source_tokenizer(plan.source)
     if tokenizer is not None:
-        tokenizer.save_pretrained(final)
+        artifact.save_tokenizer(tokenizer, final)
     entries, modules, tied = [], {}, {}
     for entry in journal["done"]:
         by_name = {e.name: e for e in shards.entries_from_file(pdir / entry["file"])}

@@ -39,6 +39,12 @@ FORMAT_NAME = "lut4"
 FORMAT_VERSION = 1
 QUANT_TYPES = ("nf4", "fp4")
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def check_blocksize(blocksize: int, key: str = "blocksize") -> None:
+    """ValueError naming recipe key ``key`` unless ``blocksize`` is one of VALID_BLOCKSIZES."""
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"'{key}' must be one of {', '.join(map(str, VALID_BLOCKSIZES))}, got {blocksize}")
 NESTED_BLOCKSIZE = 256  # bnb hard-codes 256 for the nested (double-quant) absmax blocks
 _CHUNK_ELEMENTS = 1 << 22  # weights quantized per step (bounds temporaries, not results)
 

@@ -61,9 +61,7 @@ class EmbeddingsPassConfig:
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        if self.blocksize not in lut4.VALID_BLOCKSIZES:
-            raise ValueError(f"'blocksize' must be one of {', '.join(map(str, lut4.VALID_BLOCKSIZES))}, "
-                             f"got {self.blocksize}")
+        lut4.check_blocksize(self.blocksize)
 
 
 def _name_of(model: nn.Module, module: Optional[nn.Module]) -> Optional[str]:

@@ -33,9 +33,7 @@ class Lut4PassConfig:
     double_quant: bool = True
 
     def __post_init__(self) -> None:
-        if self.blocksize not in lut4.VALID_BLOCKSIZES:
-            raise ValueError(f"'blocksize' must be one of {', '.join(map(str, lut4.VALID_BLOCKSIZES))}, "
-                             f"got {self.blocksize}")
+        lut4.check_blocksize(self.blocksize)
         validate_patterns(self.targets, "targets")
         validate_patterns(self.ignore, "ignore")
 

@@ -157,7 +157,11 @@ def _raise_terminated(signum, frame):
 def cmd_compress(args) -> int:
     import signal
 
+    from quantkit import heap
     from quantkit.errors import UsageError
+
+    # before anything large is allocated: keeps a streaming compress's memory flat (quantkit/heap.py)
+    heap.use_mmap_for_large_allocations()
     from quantkit.recipe import load_recipe
     from quantkit.streaming import compress_to_dir
 

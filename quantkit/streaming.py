@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from quantkit.errors import QuantkitError, UsageError
+from quantkit import heap
 from quantkit.io import artifact, shards
 from quantkit.models.streaming import StreamPlan, materialize, release
 from quantkit.passes import PASSES
@@ -179,43 +180,6 @@ def _unit_state(plan: StreamPlan, unit, loaded: dict, tie_kept: dict) -> tuple[d
     return state, tied
 
 
-_malloc_trim = None  # glibc's malloc_trim, looked up on first use (False where there is none)
-
-
-def _return_freed_memory() -> None:
-    """Give the pages of freed heap memory back to the kernel (glibc ``malloc_trim(0)``).
-
-    Why, measured (docs/benchmarks.md, "Peak memory vs number of blocks"): after a unit is
-    written and put back on meta, none of its tensors is alive (the live CPU tensors and
-    their bytes are the same after every block, tests/cli/test_streaming_memory.py), yet
-    without this the anonymous memory left after each 206 MB fp32 block grew by ~35 MiB, and
-    nf4's peak RssAnon went from 0.62 GiB (6 blocks) to 0.98-1.60 GiB (24 blocks). It is
-    free glibc heap, not live objects: mallinfo2's bytes in use stay at ~119 MiB while its
-    free bytes grow unit after unit. The quantizers' temporaries are 1-32 MiB; glibc serves
-    those from the heap once its dynamic mmap threshold has risen (after the first large
-    free, up to 32 MiB), and freed heap pages stay resident: the heap only shrinks from its
-    top, and as it fragments each unit's allocations land on pages no earlier unit touched.
-    ``malloc_trim(0)`` releases the free pages anywhere in the heaps (madvise), so every unit
-    starts from the same resident heap (~257 MiB after each unit of the 24-block model). It
-    takes milliseconds per unit. Not chosen: a fixed M_MMAP_THRESHOLD (mallopt) kept the
-    heap flat only when set at process start (set later, a large free heap left by earlier
-    work is still reused and its pages touched again), made compress ~1.8x slower (each
-    large temporary a fresh mmap whose pages fault in zeroed), and changes the allocator of
-    the whole process for good.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-            _malloc_trim.argtypes, _malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        except (OSError, AttributeError):  # not glibc (macOS, Windows): nothing to do
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
 def _process_unit(plan: StreamPlan, recipe: Recipe, index: int, pdir: Path, tie_kept: dict,
                   allow_nonfinite: bool, calibrated: Optional[CalibratedStream]) -> dict:
     """Materialize, compress, write one unit; returns its journal entry."""
@@ -251,7 +215,7 @@ def _process_unit(plan: StreamPlan, recipe: Recipe, index: int, pdir: Path, tie_
     if record is not None:
         done["calib"] = record
         done["carry"] = calibrated.save_carry(pdir, index)  # on disk before the journal names the block
-    _return_freed_memory()  # the unit's memory is all free now: its pages go back too
+    heap.return_freed_memory()  # the unit's memory is all free now: its pages go back too
     return done
 
 

@@ -110,7 +110,7 @@ print(json.dumps(seen))
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc/self/status")
 def test_resident_heap_does_not_grow_with_blocks(eight_block_dir, tmp_path):
     """Anonymous resident memory after block k is what it was after block 2 (within 2 MiB):
-    freed heap memory is given back after each unit (``_return_freed_memory``), so it does
+    freed heap memory is given back after each unit (``heap.return_freed_memory``), so it does
     not pile up block after block. Run in a fresh interpreter, so the heap's history is the
     compress alone (without the fix it grew by ~24 MiB from block 2 to block 7 here)."""
     run = subprocess.run([sys.executable, "-c", _PROBE_RSS_ANON, str(eight_block_dir), str(tmp_path / "out")],
@@ -121,3 +121,23 @@ def test_resident_heap_does_not_grow_with_blocks(eight_block_dir, tmp_path):
     assert sorted(seen) == list(range(N_BLOCKS))
     growth = {k: round((seen[k] - seen[2]) / 2**20, 1) for k in range(3, N_BLOCKS)}
     assert max(growth.values()) < 2.0, f"RssAnon after block k minus after block 2, MiB: {growth}"
+
+
+def test_cli_compress_serves_large_allocations_by_mmap(monkeypatch, tiny_llama_dir, tmp_path):
+    """``quantkit compress`` fixes glibc's mmap threshold before anything large is allocated
+    (quantkit/heap.py); QUANTKIT_MMAP_THRESHOLD=0 leaves the allocator alone."""
+    from quantkit import heap
+    from quantkit.cli import main
+
+    calls = []
+    real = heap.use_mmap_for_large_allocations
+    monkeypatch.setattr(heap, "use_mmap_for_large_allocations", lambda *a: calls.append(a) or 0)
+    assert main(["compress", str(tiny_llama_dir), "--recipe", "nf4", "-o", str(tmp_path / "o"), "--quiet"]) == 0
+    assert calls == [()]
+    monkeypatch.setenv(heap.THRESHOLD_ENV, "0")
+    assert real() == 0
+    monkeypatch.setenv(heap.THRESHOLD_ENV, "")
+    if sys.platform.startswith("linux"):  # glibc accepts it (in a child: the setting lasts for the process)
+        code = "from quantkit import heap; print(heap.use_mmap_for_large_allocations(8 << 20))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert out.stdout.strip() == str(8 << 20), out.stderr[-2000:]

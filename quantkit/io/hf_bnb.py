@@ -77,18 +77,6 @@ HF_BNB_FORMATS: dict[str, tuple[str, Callable[[str, dict], dict]]] = {
 TABLE_FORMATS = ("intk_embedding", "lut4_embedding", "dense_embedding", "tied_head", "dense")
 
 
-def _head_name(out_dir) -> str:
-    """Module name of the artifact model's output head (from config.json alone)."""
-    from transformers import AutoConfig
-
-    try:
-        skeleton = _skeleton(AutoConfig.from_pretrained(out_dir, local_files_only=True))
-    except Exception as e:
-        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
-    head = skeleton.get_output_embeddings()
-    return next((n for n, m in skeleton.named_modules() if m is head), "")
-
-
 def _check_tables(skeleton, tables: dict, path) -> None:
     """The embeddings pass's modules must be the model's input embedding / output head."""
     from quantkit.nn import TIED_HEAD
@@ -181,8 +169,15 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
 
     out_dir, dest = check_export_paths(out_dir, dest, overwrite)
     info = read_metadata(out_dir)
+    try:
+        config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
+    skeleton = _skeleton(config)
+    head = skeleton.get_output_embeddings()
+    head_name = next((n for n, m in skeleton.named_modules() if m is head), "")
     tables = {n: s for n, s in info["modules"].items() if s.get("format") in TABLE_FORMATS
-              or (n == _head_name(out_dir) and s.get("format") == "intk")}
+              or (n == head_name and s.get("format") == "intk")}
     modules = {n: s for n, s in info["modules"].items() if n not in tables}
     if not modules:
         raise UsageError(f"{out_dir} has no quantized modules; hf-bnb export needs at least one "
@@ -196,10 +191,6 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
             "absmax blocks span rows; the export is correct (bnb's CUDA and torch backends decode it), but "
             "bitsandbytes' native CPU dequantize_4bit (0.50.x) decodes such layers wrongly", BnbCpuLayoutWarning,
             stacklevel=3)
-    try:
-        config = AutoConfig.from_pretrained(out_dir, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
     existing = getattr(config, "quantization_config", None)
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
@@ -209,7 +200,6 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
             raise FormatError(f"{out_dir}/config.json already has a quantization_config ({method}); "
                               "refusing to replace it")
 
-    skeleton = _skeleton(config)
     _check_tables(skeleton, tables, info["path"])
     linear_names = [n for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)]
     missing = [n for n in modules if n not in dict(skeleton.named_modules())]

@@ -47,10 +47,11 @@ def _live_cpu_tensors() -> tuple[int, int]:
             if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
                 continue
             s = obj.untyped_storage()
-        except Exception:  # noqa: BLE001 -- some tensor subclasses refuse storage access
+            ptr, nbytes = s.data_ptr(), s.nbytes()
+        except Exception:  # noqa: BLE001 -- tensor subclasses (FakeTensor left by opcheck) refuse storage access
             continue
         count += 1
-        storages[s.data_ptr()] = s.nbytes()
+        storages[ptr] = nbytes
     return count, sum(storages.values())
 
 

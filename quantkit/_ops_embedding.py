@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit._ops import _check_intk_args, _check_lut4_args, _lib, lut4_decode_absmax
+from quantkit._ops import _check_intk_args, _check_lut4_args, _lib
 from quantkit.formats import intk
 
 _lib.define("intk_embedding(Tensor ids, Tensor packed, Tensor scale, int bits, float offset, int rows, "
@@ -67,7 +67,7 @@ def lut4_embedding_reference(ids, packed, absmax, code, blocksize, rows, cols, a
     if absmax.dtype == torch.uint8:  # the decode of lut4_decode_absmax, on the needed blocks only
         scales = absmax_code[absmax[blocks].long()] * absmax_scale[blocks // absmax_blocksize] + absmax_offset
     else:
-        scales = lut4_decode_absmax(absmax, None, None, 0.0, absmax_blocksize)[blocks]
+        scales = absmax.float()[blocks]
     return (code[nibble] * scales).reshape(*ids.shape, cols)
 
 

@@ -1,11 +1,13 @@
 """Perplexity of a causal LM over a text, in non-overlapping windows.
 
-The text is tokenized once (no special tokens added) and cut into windows of ``seq_len``
-tokens; the ragged tail is dropped. Each window is scored on its own with a no-grad forward
-pass: every token but the first of a window is predicted from the tokens before it in that
-window, so a window contributes ``seq_len - 1`` predicted tokens. The mean NLL is taken over
-all predicted tokens and ``ppl = exp(mean)``. With seq_len 512 and max_tokens 8192 this
-scores 16 windows = 8176 predicted tokens.
+The text is tokenized once (no special tokens added) and cut into non-overlapping windows of
+``seq_len`` ids (quantkit/models/tokens.py); the ragged tail is dropped. A window starts with
+the tokenizer's BOS when the tokenizer adds one by default (Gemma, Llama-2/3: ``[BOS]`` +
+``seq_len - 1`` text tokens, all of them predicted), otherwise with text (SmolLM2:
+``seq_len`` text tokens, all but the first predicted). Each window is scored on its own with
+a no-grad forward pass, so a window contributes ``seq_len - 1`` predicted tokens either way.
+The mean NLL is taken over all predicted tokens and ``ppl = exp(mean)``. With seq_len 512 and
+max_tokens 8192 this scores 16 windows = 8176 predicted tokens.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from quantkit.errors import UsageError
+from quantkit.models.tokens import bos_convention, cut_windows, default_bos, text_tokens_per_window
 from quantkit.progress import progress_bar
 
 
@@ -30,6 +33,12 @@ class PerplexityResult:
     n_windows: int
     seconds: float    # wall time of the forward passes (tokenization excluded)
     seq_len: int
+    bos: Optional[int] = None  # the BOS id every window started with, or None (windows of text)
+
+    @property
+    def convention(self) -> str:
+        """How the windows started, for printing next to the number."""
+        return bos_convention(self.bos)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -49,19 +58,19 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def perplexity(model: nn.Module, tokenizer, text: Optional[str] = None, seq_len: int = 512,
                max_tokens: Optional[int] = 8192, progress: bool = True, batch_size: int = 1,
-               token_ids: Optional[torch.Tensor] = None) -> PerplexityResult:
+               token_ids: Optional[torch.Tensor] = None, bos: Union[int, None, str] = "auto") -> PerplexityResult:
     """Perplexity of ``model`` on ``text`` (or on pre-tokenized ``token_ids``, 1-D).
 
-    max_tokens caps the tokens read (None: the whole text); only whole windows are scored.
-    Raises UsageError if fewer than ``seq_len`` tokens are available.
+    max_tokens caps the text tokens read (None: the whole text); only whole windows are scored.
+    bos: "auto" (default) starts every window with the tokenizer's BOS when it adds one by
+    default (``quantkit.models.tokens.default_bos``; None without a tokenizer), an int starts
+    them with that id, None never adds one.
+    Raises UsageError if fewer text tokens than one window are available.
     """
     if seq_len < 2:
         raise UsageError(f"seq_len must be at least 2, got {seq_len}")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < seq_len:
-        raise UsageError(f"max_tokens ({max_tokens}) is smaller than seq_len ({seq_len}); "
-                         f"not even one window fits")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(max_pos, int) and seq_len > max_pos:
         raise UsageError(f"seq_len {seq_len} is longer than the model's context ({max_pos} positions)")
@@ -72,12 +81,20 @@ def perplexity(model: nn.Module, tokenizer, text: Optional[str] = None, seq_len:
         ids = tokenize(tokenizer, text)
     else:
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if bos == "auto":
+        bos = default_bos(tokenizer) if tokenizer is not None else None
+    elif bos is not None and (isinstance(bos, bool) or not isinstance(bos, int)):
+        raise UsageError(f"bos must be 'auto', None or a token id, got {bos!r}")
+    per_window = text_tokens_per_window(seq_len, bos)
+    if max_tokens is not None and max_tokens < per_window:
+        raise UsageError(f"max_tokens ({max_tokens}) is smaller than one window of seq_len {seq_len} "
+                         f"({per_window} text tokens); not even one window fits")
     available = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
-    n_windows = available // seq_len
+    n_windows = available // per_window
     if n_windows == 0:
         raise UsageError(f"the text has only {ids.numel()} tokens; perplexity at seq_len {seq_len} needs at "
-                         f"least {seq_len} (use more text or a smaller --seq-len)")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+                         f"least {per_window} (use more text or a smaller --seq-len)")
+    windows = cut_windows(ids, seq_len, bos, max_windows=n_windows)
 
     device = _model_device(model)
     was_training = model.training
@@ -102,4 +119,4 @@ def perplexity(model: nn.Module, tokenizer, text: Optional[str] = None, seq_len:
     mean = nll_sum / n_pred
     ppl = math.exp(mean) if mean < 700 else float("inf")
     return PerplexityResult(ppl=ppl, nll_mean=mean, n_tokens=n_pred, n_windows=n_windows, seconds=seconds,
-                            seq_len=seq_len)
+                            seq_len=seq_len, bos=bos)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
@@ -35,18 +35,23 @@ def load_model(spec: Union[str, Path], dtype=None, memory_budget: Union[int, str
 
 
 def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, str, Path, dict], *,
-             inplace: bool = False, progress: bool = True, allow_empty: bool = False,
-             allow_nonfinite: bool = False, calib_text: Optional[str] = None) -> nn.Module:
+             tokenizer=None, calib: Any = None, inplace: bool = False, progress: bool = True,
+             allow_empty: bool = False, allow_nonfinite: bool = False, calib_text: Optional[str] = None) -> nn.Module:
     """Apply ``recipe``'s passes to a model and return the compressed model.
 
     model_or_path: an ``nn.Module`` (copied first unless ``inplace``) or anything
         ``load_model`` accepts. recipe: a Recipe, a dict, a YAML path or a shipped name.
-    calib_text: text for calibrated passes (DB-LLM, BitStack); default the shipped
-        text each pass names (``default_calib_text``; the 120 KB excerpt unless a pass says
-        otherwise, BitStack's recipe: the 1 MB text). They tokenize it with the model's tokenizer
-        (``model._quantkit_tokenizer``, which ``load_model`` attaches).
-    Raises UsageError if a pass matches no module (unless ``allow_empty``) and
-    QuantkitError if a weight holds NaN/Inf (unless ``allow_nonfinite``).
+    tokenizer: the model's tokenizer (a transformers tokenizer), for calibrated passes and
+        saved with the artifact by ``quantkit.save``; default the one ``load_model`` attached.
+    calib: data for calibrated passes (DB-LLM, BitStack): a text, a list of texts, a
+        ``datasets.Dataset`` with a "text" column, or a LongTensor of token ids ([T] or
+        [N, L], read as one stream). Default: the shipped text each pass names
+        (``default_calib_text``; the 120 KB excerpt unless a pass says otherwise, BitStack's
+        recipe: the 1 MB text). Windows start with BOS when the tokenizer adds one by default.
+    calib_text: the older spelling of ``calib`` for one text.
+    Raises UsageError if a pass matches no module (unless ``allow_empty``), for calibration
+    data of another kind, or text with no tokenizer; QuantkitError if a weight holds NaN/Inf
+    (unless ``allow_nonfinite``).
     """
     from quantkit.calibration import calib_source
     from quantkit.models.loading import check_finite
@@ -58,16 +63,19 @@ def compress(model_or_path: Union[nn.Module, str, Path], recipe: Union[Recipe, s
         model = load_model(model_or_path)
     if not allow_nonfinite:
         check_finite(model)
-    calib = None
+    # built before any pass runs, so bad calibration data is refused before minutes of work
+    source = (calib_source(model, calib_text, tokenizer=tokenizer, calib=calib)
+              if any(PASSES[e.name].calibrated for e in recipe.passes) else None)
     for i, entry in enumerate(recipe.passes):
         spec = PASSES[entry.name]
         if spec.calibrated:
-            calib = calib or calib_source(model, calib_text)
-            changed = spec.apply(model, entry.config, progress=progress, calib=calib.for_config(entry.config))
+            changed = spec.apply(model, entry.config, progress=progress, calib=source.for_config(entry.config))
         else:
             changed = spec.apply(model, entry.config, progress=progress)
         if not changed and not allow_empty and not spec.may_match_nothing:
             raise UsageError(f"recipe {recipe.name!r} pass {i} ({entry.name}) matched no module; check its "
                              "targets/ignore patterns (or pass allow_empty=True / --allow-empty)")
     model._quantkit_recipe = recipe
+    if tokenizer is not None:
+        model._quantkit_tokenizer = tokenizer  # quantkit.save writes it beside the weights
     return model

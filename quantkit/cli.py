@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UTF-8 text for calibrated passes such as DB-LLM and BitStack (default: the text the "
                         "recipe names with default_calib_text, else the 120 KB calibration excerpt shipped "
                         "with quantkit; recipes/bitstack.yaml uses the shipped 1 MB text)")
+    c.add_argument("--tokenizer", metavar="DIR",
+                   help="folder with the model's tokenizer files, for a MODEL folder without them: calibrated passes "
+                        "tokenize --calib-text with it, and OUT gets a copy (default: MODEL's own tokenizer)")
     c.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
                    help="split OUT's weights into safetensors shards of at most SIZE (e.g. 500MB, 2GB; default 2GB)")
     _add_common(c)
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: the eval excerpt shipped with quantkit)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-tokens", type=int, default=8192, help="evaluate at most this many tokens (default 8192; 0 = all)")
+    e.add_argument("--bos", choices=["auto", "on", "off"], default="auto",
+                   help="start each window with the tokenizer's BOS token: auto (default) when the tokenizer adds "
+                        "one by default (Gemma, Llama-2/3), on always, off never (the windows' convention is printed "
+                        "with the result)")
     e.add_argument("--speed", action="store_true", help="also measure greedy decode tokens/s")
     e.add_argument("--new-tokens", type=int, default=128, help="tokens to generate with --speed (default 128)")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -181,13 +188,14 @@ def cmd_compress(args) -> int:
     if args.calib_text:
         from quantkit.models.text import read_text
         calib_text = read_text(args.calib_text)
+    tokenizer = _compress_tokenizer(args, recipe)
     t0 = time.perf_counter()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if _main_thread() else None
     try:
         compress_to_dir(args.model, recipe, out, overwrite=args.overwrite, resume=args.resume,
                         allow_empty=args.allow_empty, allow_nonfinite=args.allow_nonfinite,
                         progress=not args.quiet, max_shard_bytes=max_shard, status=lambda msg: _status(args, msg),
-                        calib_text=calib_text)
+                        calib_text=calib_text, tokenizer=tokenizer)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -202,6 +210,31 @@ def cmd_compress(args) -> int:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def _compress_tokenizer(args, recipe):
+    """The tokenizer ``--tokenizer DIR`` names (None: MODEL's own). Refuses, before any work, a
+    recipe with a calibrated pass on a MODEL folder that has no tokenizer files."""
+    from quantkit.errors import UsageError
+    from quantkit.models.loading import TOKENIZER_FILES, ModelSource, load_source_tokenizer, resolve_model_source
+    from quantkit.passes import PASSES
+    from quantkit.stream_calibration import missing_tokenizer_message
+
+    if args.tokenizer:
+        folder = Path(args.tokenizer)
+        if not folder.is_dir():
+            raise UsageError(f"--tokenizer {folder} is not a folder")
+        tokenizer = load_source_tokenizer(ModelSource("hf-folder", folder))
+        if tokenizer is None:
+            raise UsageError(f"--tokenizer {folder} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+        return tokenizer
+    calibrated = [e.name for e in recipe.passes if PASSES[e.name].calibrated]
+    if calibrated:
+        source = resolve_model_source(str(args.model))
+        if source.kind in ("hf-folder", "quantkit-artifact") and load_source_tokenizer(
+                ModelSource("hf-folder", source.path)) is None:
+            raise UsageError(missing_tokenizer_message(calibrated[0], source.path))
+    return None
 
 
 def cmd_eval(args) -> int:
@@ -225,9 +258,10 @@ def cmd_eval(args) -> int:
     if args.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens or None,
-                     progress=not args.quiet)
+                     progress=not args.quiet, bos=_eval_bos(args.bos, tokenizer))
     result = {"model": str(args.model), "perplexity": ppl.ppl, "tokens": ppl.n_tokens, "seq_len": ppl.seq_len,
-              "seconds": ppl.seconds, "dtype": args.dtype, "kernels": _kernel_line(), "load_seconds": t_load}
+              "bos": ppl.bos, "seconds": ppl.seconds, "dtype": args.dtype, "kernels": _kernel_line(),
+              "load_seconds": t_load}
     if getattr(model, "_quantkit_memory_bytes", None) is not None:
         result["memory_bytes"] = model._quantkit_memory_bytes
         result["memory_budget"] = args.memory_budget
@@ -238,8 +272,8 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"perplexity {ppl.ppl:.3f} over {ppl.n_tokens} tokens (seq_len {ppl.seq_len}, {args.dtype}, "
-              f"{ppl.seconds:.1f} s)")
+        print(f"perplexity {ppl.ppl:.3f} over {ppl.n_tokens} tokens (seq_len {ppl.seq_len}, {ppl.convention}, "
+              f"{args.dtype}, {ppl.seconds:.1f} s)")
         if args.speed:
             print(f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.new_tokens} new tokens, greedy, "
                   f"{torch.get_num_threads()} threads)")
@@ -249,6 +283,19 @@ def cmd_eval(args) -> int:
                   f"loaded in {t_load:.2f} s")
         print(f"kernels: {result['kernels']}")
     return 0
+
+
+def _eval_bos(choice: str, tokenizer):
+    """``--bos``: "auto" -> perplexity's own rule; "on" -> the tokenizer's BOS id; "off" -> None."""
+    if choice == "auto":
+        return "auto"
+    if choice == "off":
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        from quantkit.errors import UsageError
+        raise UsageError("--bos on: this tokenizer has no BOS token")
+    return int(bos)
 
 
 def inspect_artifact(out) -> dict:

@@ -69,7 +69,7 @@ class CalibratedStream:
     """The one calibrated pass of a recipe, run block by block (see the module docstring);
     construct it only for a recipe ``refusal`` accepts."""
 
-    def __init__(self, plan: StreamPlan, recipe: Recipe, calib_text: Optional[str]):
+    def __init__(self, plan: StreamPlan, recipe: Recipe, calib_text: Optional[str], tokenizer=None):
         from quantkit.calibration import default_text_name
         from quantkit.models.text import default_text
 
@@ -80,6 +80,7 @@ class CalibratedStream:
         # the user's text, else the shipped text the pass names (as CalibSource.for_config)
         self.text = calib_text if calib_text is not None else default_text(default_text_name(entry.config))
         self.inputs: Optional[BlockInputs] = None
+        self.tokenizer = tokenizer  # None: the source folder's
 
     def fingerprint(self) -> dict:
         """What a resumed run must share beyond model and recipe: the calibration text."""
@@ -93,10 +94,9 @@ class CalibratedStream:
         from quantkit.calibration import CalibSource
         from quantkit.models.loading import load_source_tokenizer
 
-        tokenizer = load_source_tokenizer(plan.source)
+        tokenizer = self.tokenizer if self.tokenizer is not None else load_source_tokenizer(plan.source)
         if tokenizer is None:
-            raise UsageError(f"pass {self.name} needs calibration text tokenized by the model's tokenizer, and "
-                             f"{plan.source.path} has no tokenizer files")
+            raise UsageError(missing_tokenizer_message(self.name, plan.source.path))
         ids = self.driver.windows(CalibSource(tokenizer, self.text))
         first = next(i for i, u in enumerate(plan.units) if u.is_block)
         before = plan.units[:first]
@@ -158,3 +158,13 @@ class CalibratedStream:
             modules = {n: dict(spec, **updates.get(n, {})) for n, spec in e["modules"].items()}
             out.append(dict(e, modules=modules))
         return out
+
+
+def missing_tokenizer_message(pass_name: str, folder) -> str:
+    """What ``quantkit compress`` says when a calibrated pass finds no tokenizer in ``folder``."""
+    from quantkit.models.loading import TOKENIZER_FILES
+
+    return (f"pass {pass_name} calibrates on text tokenized by the model's tokenizer, and {folder} has no tokenizer "
+            f"files (none of {', '.join(TOKENIZER_FILES)}): copy the model's tokenizer files into {folder} or pass "
+            f"--tokenizer DIR (a folder holding them); --calib-text FILE chooses the text it tokenizes (default: "
+            f"the text shipped with quantkit)")

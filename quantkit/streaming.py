@@ -219,7 +219,8 @@ def _process_unit(plan: StreamPlan, recipe: Recipe, index: int, pdir: Path, tie_
     return done
 
 
-def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_shard_bytes: int) -> Path:
+def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_shard_bytes: int,
+              tokenizer=None) -> Path:
     """Write the complete artifact into ``pdir/final`` from the unit files."""
     from quantkit.models.loading import load_source_tokenizer, quiet_transformers
 
@@ -242,7 +243,7 @@ def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_s
                 gen.save_pretrained(final)
             except Exception:  # noqa: BLE001 -- same rule as artifact.save
                 pass
-    tokenizer = load_source_tokenizer(plan.source)
+    tokenizer = tokenizer if tokenizer is not None else load_source_tokenizer(plan.source)
     if tokenizer is not None:
         artifact.save_tokenizer(tokenizer, final)
     entries, modules, tied = [], {}, {}
@@ -260,12 +261,14 @@ def _assemble(plan: StreamPlan, recipe: Recipe, pdir: Path, journal: dict, max_s
 def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], *, overwrite: bool = False,
                        resume: bool = False, allow_empty: bool = False, allow_nonfinite: bool = False,
                        progress: bool = True, max_shard_bytes: int = shards.DEFAULT_SHARD_BYTES,
-                       status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None) -> Path:
+                       status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None,
+                       tokenizer=None) -> Path:
     """Compress ``plan``'s model with ``recipe`` unit by unit into the artifact folder ``out``.
 
     A calibrated pass with a block-by-block driver (BitStack, order "proxy") runs on
     activations carried from block to block (quantkit/stream_calibration.py), calibrated on
-    ``calib_text`` (default: the shipped excerpt).
+    ``calib_text`` (default: the shipped excerpt). ``tokenizer`` (default: the source
+    folder's) tokenizes it and is saved with the artifact.
 
     Raises UsageError if OUT exists (unless ``overwrite``), a pass matches nothing (unless
     ``allow_empty``), a calibrated pass cannot run block by block
@@ -282,7 +285,7 @@ def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], 
     reason = stream_calibration.refusal(plan, recipe)
     if reason:
         raise UsageError(f"cannot compress block by block: {reason}")
-    calibrated = CalibratedStream(plan, recipe, calib_text) if any(
+    calibrated = CalibratedStream(plan, recipe, calib_text, tokenizer) if any(
         PASSES[e.name].calibrated for e in recipe.passes) else None
     check_recipe_matches(plan.model, recipe, allow_empty)
     pdir = partial_dir(out)
@@ -328,7 +331,7 @@ def compress_streaming(plan: StreamPlan, recipe: Recipe, out: Union[str, Path], 
     status(f"assembling {out}")
     if out.exists() and not overwrite:
         raise UsageError(f"output {out} appeared while compressing; pass --overwrite to replace it")
-    final = _assemble(plan, recipe, pdir, journal, max_shard_bytes)
+    final = _assemble(plan, recipe, pdir, journal, max_shard_bytes, tokenizer)
     artifact.replace_dir(final, out)
     shutil.rmtree(pdir, ignore_errors=True)
     return out
@@ -338,8 +341,12 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
                     overwrite: bool = False, resume: bool = False, allow_empty: bool = False,
                     allow_nonfinite: bool = False, progress: bool = True,
                     max_shard_bytes: int = shards.DEFAULT_SHARD_BYTES,
-                    status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None) -> Path:
+                    status: Optional[Callable[[str], None]] = None, calib_text: Optional[str] = None,
+                    tokenizer=None) -> Path:
     """Compress ``model`` (anything ``quantkit.load_model`` accepts) into the artifact folder ``out``.
+
+    tokenizer: a tokenizer to calibrate with and save, instead of the model's own (for a
+    folder without tokenizer files: ``quantkit compress --tokenizer DIR``).
 
     What ``quantkit compress`` runs: a Hugging Face folder of safetensors is compressed block
     by block (``compress_streaming``; ``resume`` continues an interrupted run); a .gguf file,
@@ -369,7 +376,8 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
             raise UsageError("--resume is for block-by-block compress, which does not run under torchrun")
         status(f"rank {rank} of {world}: loading {model} whole (data-parallel training)")
         loaded = compress(load_model(model), recipe, inplace=True, progress=progress and rank == 0,
-                          allow_empty=allow_empty, allow_nonfinite=allow_nonfinite, calib_text=calib_text)
+                          allow_empty=allow_empty, allow_nonfinite=allow_nonfinite, calib_text=calib_text,
+                          tokenizer=tokenizer)
         if rank == 0:
             artifact.save(loaded, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
         barrier()  # OUT is complete for every rank once this returns
@@ -386,7 +394,8 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
         status(f"compressing {model} block by block with recipe {recipe.name!r} ({passes})")
         return compress_streaming(plan, recipe, out, overwrite=overwrite, resume=resume, allow_empty=allow_empty,
                                   allow_nonfinite=allow_nonfinite, progress=progress,
-                                  max_shard_bytes=max_shard_bytes, status=status, calib_text=calib_text)
+                                  max_shard_bytes=max_shard_bytes, status=status, calib_text=calib_text,
+                                  tokenizer=tokenizer)
     if resume:
         raise UsageError(f"--resume needs a model folder that is compressed block by block; {model} is loaded "
                          f"whole")
@@ -394,6 +403,6 @@ def compress_to_dir(model: Union[str, Path], recipe: Union[Recipe, str, Path, di
     loaded = load_model(model)
     status(f"applying recipe {recipe.name!r} ({passes})")
     loaded = compress(loaded, recipe, inplace=True, progress=progress, allow_empty=allow_empty,
-                      allow_nonfinite=allow_nonfinite, calib_text=calib_text)
+                      allow_nonfinite=allow_nonfinite, calib_text=calib_text, tokenizer=tokenizer)
     status(f"writing {out}")
     return artifact.save(loaded, out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

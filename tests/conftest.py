@@ -9,18 +9,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _train_tokenizer(text: str, vocab_size: int = 320):
-    """A byte-level BPE trained in well under a second on quantkit's calibration text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _train_tokenizer(text: str, vocab_size: int = 320, bos: bool = False):
+    """A byte-level BPE trained in well under a second on quantkit's calibration text.
+
+    bos: give it a "<bos>" token that it puts before every text by default (as Gemma's and
+    Llama-3's tokenizers do); otherwise it adds nothing (as SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+    specials = ["<eos>", "<bos>"] if bos else ["<eos>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer():
+    """A tiny tokenizer that starts every text with its BOS "<bos>" by default."""
+    from quantkit.models.text import default_text
+
+    return _train_tokenizer(default_text("calib")[:100_000], bos=True)
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ from typing import Optional
 
 import torch
 
+from quantkit import _row_chunks
 from quantkit.errors import KernelUnavailable
 
 _lib = torch.library.Library("quantkit", "DEF")
@@ -151,7 +152,9 @@ def _lut4_linear_fake(x, packed, absmax, code, blocksize, out_features, in_featu
 
 
 # Autograd: gradients flow to x and bias (the packed weight is frozen), so LoRA-style
-# training on top of a 4-bit base works. dx = dy @ W, dbias = sum(dy).
+# training on top of a 4-bit base works. dx = dy @ W, dbias = sum(dy). Every packed op's
+# backward computes dx a few hundred rows of W at a time (quantkit/_row_chunks.py), so a
+# backward never holds a dense fp32 copy of the whole weight.
 def _lut4_linear_setup_context(ctx, inputs, output):
     (x, packed, absmax, code, blocksize, out_f, in_f, bias, a_code, a_scale, a_off, a_bs) = inputs
     ctx.save_for_backward(packed, absmax, code, a_code, a_scale)
@@ -163,9 +166,8 @@ def _lut4_linear_backward(ctx, grad):
     blocksize, out_f, in_f, a_off, a_bs, has_bias, x_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.quantkit.lut4_dequantize(packed, absmax, code, blocksize, out_f, in_f,
-                                               a_code, a_scale, a_off, a_bs)
-        grad_x = (grad.float() @ w).to(x_dtype)
+        rows = _row_chunks.lut4_rows(packed, absmax, code, blocksize, out_f, in_f, a_code, a_scale, a_off, a_bs)
+        grad_x = _row_chunks.grad_input_by_rows(grad, out_f, in_f, rows, x_dtype)
     if has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.reshape(-1, out_f).sum(0)
     return grad_x, None, None, None, None, None, None, grad_bias, None, None, None, None
@@ -255,8 +257,8 @@ def _intk_linear_backward(ctx, grad):
     bits, offset, out_f, in_f, has_bias, x_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.quantkit.intk_dequantize(packed, scale, bits, offset, out_f, in_f)
-        grad_x = (grad.float() @ w).to(x_dtype)
+        rows = _row_chunks.intk_rows(packed, scale, bits, offset, in_f)
+        grad_x = _row_chunks.grad_input_by_rows(grad, out_f, in_f, rows, x_dtype)
     if has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.reshape(-1, out_f).sum(0)
     return grad_x, None, None, None, None, None, None, grad_bias
@@ -413,8 +415,9 @@ def _bitstack_linear_backward(ctx, grad):
     has_bias, x_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.quantkit.bitstack_dequantize(signs, u, v, scale)
-        grad_x = (grad.float() @ w).to(x_dtype)
+        out_f, in_f = u.shape[1], v.shape[2]
+        rows = _row_chunks.bitstack_rows(signs, u, v, scale)
+        grad_x = _row_chunks.grad_input_by_rows(grad, out_f, in_f, rows, x_dtype)
     if has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, u.shape[1]).sum(0)
     return grad_x, None, None, None, grad_bias, None
@@ -518,8 +521,8 @@ def _dualbin_linear_backward(ctx, grad):
     group, out_f, in_f, has_bias, x_dtype = ctx.meta
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = torch.ops.quantkit.dualbin_dequantize(plane1, plane2, alpha1, alpha2, group, out_f, in_f)
-        grad_x = (grad.float() @ w).to(x_dtype)
+        rows = _row_chunks.dualbin_rows(plane1, plane2, alpha1, alpha2, group, in_f)
+        grad_x = _row_chunks.grad_input_by_rows(grad, out_f, in_f, rows, x_dtype)
     if has_bias and ctx.needs_input_grad[8]:
         grad_bias = grad.reshape(-1, out_f).sum(0)
     return grad_x, None, None, None, None, None, None, None, grad_bias

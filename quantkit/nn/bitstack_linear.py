@@ -99,6 +99,13 @@ class BitStackLinear(nn.Module):
         return bitstack.BitStackBlocks(self.signs[:b], self.u[:b], self.v[:b],
                                        None if self.scale is None else self.scale[:b])
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The sign bits (read-only alias). Tools that place adapters next to a quantized
+        layer look for ``weight`` or ``qweight`` to find its device (peft's LoRA injection
+        fails on a layer with neither and no parameter, e.g. without a bias)."""
+        return self.signs
+
     def dequantized_weight(self) -> torch.Tensor:
         p = self.packed()
         return torch.ops.quantkit.bitstack_dequantize(p.signs, p.u, p.v, p.scale)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantkit._row_chunks import dense_linear_by_rows
 from quantkit.errors import FormatError
 from quantkit.nn._packed_state import apply_keeping_dtypes, load_tensors
 
@@ -73,6 +74,10 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            # training through this layer (e.g. LoRA): F.linear would keep a widened copy of W
+            # until the backward; this widens a few hundred rows at a time in both passes
+            return dense_linear_by_rows(x, self.weight, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):

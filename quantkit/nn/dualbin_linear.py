@@ -90,6 +90,13 @@ class DualBinLinear(nn.Module):
         return dualbin.DualBinWeight(self.weight_plane1, self.weight_plane2, self.weight_alpha1,
                                      self.weight_alpha2, self.state)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The first bit plane (read-only alias). Tools that place adapters next to a
+        quantized layer look for ``weight`` or ``qweight`` to find its device (peft's LoRA
+        injection fails on a layer with neither and no parameter, e.g. without a bias)."""
+        return self.weight_plane1
+
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 [out_features, in_features] via the op (kernel where available)."""
         return torch.ops.quantkit.dualbin_dequantize(*(getattr(self, b) for b in _BUFFERS), self.state.group,

@@ -74,9 +74,10 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-            # training through this layer (e.g. LoRA): F.linear would keep a widened copy of W
-            # until the backward; this widens a few hundred rows at a time in both passes
+        if torch.is_grad_enabled() and (self.training or x.requires_grad or (bias is not None and bias.requires_grad)):
+            # training through this layer (e.g. LoRA): F.linear makes a widened copy of all of W
+            # (kept until the backward when x needs a gradient); this widens a few hundred rows
+            # at a time in both passes (same values up to summation order; tools/bench_lora_memory.py)
             return dense_linear_by_rows(x, self.weight, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 

@@ -9,6 +9,9 @@ Public API (small on purpose):
     quantkit.Recipe, quantkit.load_recipe                     recipes (YAML -> frozen dataclasses)
     quantkit.qat                                              QAT: plan / prepare / step / convert
                                                               (imported on first use)
+With quantkit imported, transformers' ``AutoModelForCausalLM.from_pretrained(OUT)`` loads any
+artifact onto the packed modules and peft's ``get_peft_model`` puts LoRA on them
+(quantkit/integrations).
 
 Importing quantkit never initialises CUDA and works without the compiled extension.
 """
@@ -18,11 +21,14 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (must precede the native extension import in _ops)
 
 from quantkit import _ops  # noqa: F401  (registers torch.ops.quantkit.*)
+from quantkit import integrations as _integrations
 from quantkit.api import compress, load_model
 from quantkit.errors import QuantkitError
 from quantkit.export import export
 from quantkit.io.artifact import load, save
 from quantkit.recipe import Recipe, load_recipe
+
+_integrations.install()  # transformers' from_pretrained and peft's LoRA, once those are imported
 
 
 def __getattr__(name):

@@ -132,21 +132,47 @@ def artifact_metadata(recipe_json: str, modules: dict, tied: dict) -> dict:
     }
 
 
+def artifact_state_and_metadata(model: nn.Module) -> tuple[dict, dict]:
+    """(state dict with tied tensors stored once, header metadata) of ``model`` as an artifact
+    stores them; shared by ``save`` and transformers' ``save_pretrained`` (quantkit/integrations)."""
+    recipe = getattr(model, "_quantkit_recipe", None)
+    if recipe is not None:
+        recipe_json = recipe.to_json()
+    else:  # a model loaded from an artifact carries the recipe it was made with as a dict
+        loaded = getattr(model, "_quantkit_recipe_dict", None)
+        recipe_json = json.dumps(loaded) if loaded is not None else "null"
+    state, tied = _dedupe_shared(model.state_dict())
+    modules = {n: m.spec() for n, m in _packed_modules(model).items()}
+    return state, artifact_metadata(recipe_json, modules, tied)
+
+
 def write_weights(folder: Path, entries: list, metadata: dict, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list:
     """The weights part of an artifact: one file, or shards + index (see quantkit.io.shards)."""
     return shards.write_sharded(folder, entries, metadata, max_shard_bytes,
                                 index_metadata={"quantkit.format_version": str(ARTIFACT_VERSION)})
 
 
+QUANT_METHOD = "quantkit"
+
+
+def quantization_config_entry() -> dict:
+    """config.json's ``quantization_config`` of an artifact: transformers loads the folder
+    through quantkit's quantizer when quantkit is imported (quantkit/integrations)."""
+    return {"quant_method": QUANT_METHOD, "format_version": ARTIFACT_VERSION}
+
+
 def save_config(config, folder: Path) -> None:
-    """config.json; transformers' GGUF marker is dropped (our weights are not GGUF-quantized)."""
+    """config.json with ``quantization_config`` = ``quantization_config_entry()``. A model read
+    from a GGUF carries transformers' GGUF marker instead, which is replaced: the weights we
+    write are not GGUF-quantized, and another quantization_config would mislead loaders."""
     qc = getattr(config, "quantization_config", None)
     method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if str(getattr(method, "value", method)) == "gguf":
-        # transformers marks models read from GGUF this way; the weights we write are not
-        # GGUF-quantized any more, so the entry would only mislead other loaders
-        config = copy.deepcopy(config)
-        del config.quantization_config
+    method = str(getattr(method, "value", method)) if method is not None else None
+    if qc is not None and method not in ("gguf", QUANT_METHOD):
+        raise FormatError(f"the model's config already has a quantization_config ({method}); quantkit compresses "
+                          f"full-precision models only")
+    config = copy.deepcopy(config)
+    config.quantization_config = quantization_config_entry()
     config.save_pretrained(folder)
 
 
@@ -174,10 +200,7 @@ def save(model: nn.Module, out_dir: Union[str, Path], overwrite: bool = False, t
         raise UsageError("quantkit.save needs a transformers model (one with a .config); "
                          f"got {type(model).__name__}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "_quantkit_tokenizer", None)
-    recipe = getattr(model, "_quantkit_recipe", None)
-    state, tied = _dedupe_shared(model.state_dict())
-    modules = {n: m.spec() for n, m in _packed_modules(model).items()}
-    metadata = artifact_metadata(recipe.to_json() if recipe is not None else "null", modules, tied)
+    state, metadata = artifact_state_and_metadata(model)
     entries = [shards.entry_from_tensor(k, t) for k, t in state.items()]
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_config(config, tmp)
@@ -302,11 +325,12 @@ def read_metadata(out_dir: Union[str, Path]) -> dict:
             "tied": tied, "recipe": recipe, "metadata": meta}
 
 
-def load_tensors(info: dict, first_rows: Optional[dict] = None) -> dict:
+def load_tensors(info: dict, first_rows: Optional[dict] = None, keep=None) -> dict:
     """Every tensor of the artifact described by ``read_metadata``'s ``info`` (all shards).
 
     first_rows: {tensor name: r} reads only rows [0, r) of those tensors (dim 0), so a
     BitStack model loaded under a memory budget never reads the blocks it leaves out.
+    keep: a predicate on tensor names; only those are read (default: all).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -314,12 +338,14 @@ def load_tensors(info: dict, first_rows: Optional[dict] = None) -> dict:
     state = {}
     for path in info["files"]:
         try:
-            if not first_rows:
+            if not first_rows and keep is None:
                 state.update(load_file(str(path)))
                 continue
             with safe_open(str(path), framework="pt") as f:
                 for k in f.keys():
-                    state[k] = f.get_slice(k)[:first_rows[k]] if k in first_rows else f.get_tensor(k)
+                    if keep is not None and not keep(k):
+                        continue
+                    state[k] = f.get_slice(k)[:first_rows[k]] if first_rows and k in first_rows else f.get_tensor(k)
         except Exception as e:
             raise CheckpointError(f"{path} cannot be read: {e}") from None
     return state
@@ -357,20 +383,13 @@ def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
     with a UsageError stating the minimum. The bytes the model holds are in
     ``model._quantkit_memory_bytes``.
     """
-    from quantkit.io import bitstack_budget
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise UsageError(f"{out_dir} does not exist or is not a folder")
     info = read_metadata(out_dir)
-    budget = bitstack_budget.parse_memory(memory_budget) if memory_budget is not None else None
-    plan = budget_plan(out_dir, info)
-    blocks, planned = plan.n_blocks, None
-    if budget is not None and plan.block_bytes:
-        blocks, planned = plan.choose(budget)
-    first_rows = {f"{name}.{k}": n for name, n in blocks.items() for k in bitstack_budget.PACKED_KEYS}
-    model = skeleton(out_dir, info, blocks)
-    state = load_tensors(info, first_rows if budget is not None else None)
+    load_plan = plan_load(out_dir, info, memory_budget)
+    model = skeleton(out_dir, info, load_plan["blocks"])
+    state = load_tensors(info, load_plan["first_rows"])
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if k not in info["tied"]]
     if missing or result.unexpected_keys:
@@ -384,14 +403,7 @@ def load(out_dir: Union[str, Path], device: Union[str, torch.device] = "cpu",
         raise CheckpointError(f"{info['path']}: tensors not found in the file: {still_meta[:5]}")
     model.eval()
     model._quantkit_recipe_dict = info["recipe"]
-    held = bitstack_budget.model_memory_bytes(model)
-    if planned is not None and held != planned:
-        raise FormatError(f"{info['path']}: the loaded model holds {held:,} bytes but the header promised "
-                          f"{planned:,}; the artifact's sizes are inconsistent")
-    if budget is not None and held > budget:  # only reachable without BitStack layers
-        raise UsageError(f"memory budget {budget:,} bytes ({budget / 1e6:.2f} MB) is below this artifact's "
-                         f"minimum of {held:,} bytes ({held / 1e6:.2f} MB); it has no BitStack layers to drop")
-    model._quantkit_memory_bytes = held
+    model._quantkit_memory_bytes = check_loaded_memory(model, info, load_plan)
     return model.to(device)
 
 
@@ -408,7 +420,9 @@ def fixed_bytes(model: nn.Module, info: dict) -> int:
             if t is not None}
     total, seen = 0, set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in skip or id(t) in seen:
+        # a name the file stores tied to another counts once, tied in the skeleton or not yet
+        # (transformers ties after loading when it builds the skeleton in from_pretrained)
+        if id(t) in skip or id(t) in seen or name in info["tied"]:
             continue
         seen.add(id(t))
         entry = info["tensors"].get(name)
@@ -431,6 +445,14 @@ def skeleton(out_dir: Union[str, Path], info: dict, blocks: Optional[dict] = Non
         raise CheckpointError(f"{out_dir}/config.json cannot be read: {e}") from None
     with (torch.device("meta") if meta_buffers else contextlib.nullcontext()), parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config)
+    swap_packed_modules(model, info, blocks)
+    return model
+
+
+def swap_packed_modules(model: nn.Module, info: dict, blocks: Optional[dict] = None) -> list[str]:
+    """Replace every module the artifact's ``quantkit.modules`` table names with an empty
+    packed module (tensors on meta) built from its spec; returns their names. Used by
+    ``skeleton`` and by the transformers integration (quantkit/integrations)."""
     blocks = blocks or {}
     for name, spec in info["modules"].items():
         fmt = spec.get("format")
@@ -445,7 +467,38 @@ def skeleton(out_dir: Union[str, Path], info: dict, blocks: Optional[dict] = Non
             replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta", n_loaded=blocks[name]))
         else:
             replace_module(model, name, PACKED_MODULES[fmt].from_spec(spec, device="meta"))
-    return model
+    return list(info["modules"])
+
+
+def plan_load(out_dir: Union[str, Path], info: dict, memory_budget: Union[int, str, None]) -> dict:
+    """How a load under ``memory_budget`` reads the artifact: {"budget": bytes or None,
+    "blocks": {BitStack module: blocks to hold}, "planned": bytes the model will hold (None
+    without BitStack layers or budget), "first_rows": {tensor: rows to read} or None}."""
+    from quantkit.io import bitstack_budget
+
+    budget = bitstack_budget.parse_memory(memory_budget) if memory_budget is not None else None
+    plan = budget_plan(out_dir, info)
+    blocks, planned = plan.n_blocks, None
+    if budget is not None and plan.block_bytes:
+        blocks, planned = plan.choose(budget)
+    first_rows = {f"{name}.{k}": n for name, n in blocks.items() for k in bitstack_budget.PACKED_KEYS}
+    return {"budget": budget, "blocks": blocks, "planned": planned,
+            "first_rows": first_rows if budget is not None else None}
+
+
+def check_loaded_memory(model: nn.Module, info: dict, load_plan: dict) -> int:
+    """Bytes ``model`` holds, checked against what ``plan_load`` promised and the budget."""
+    from quantkit.io import bitstack_budget
+
+    held = bitstack_budget.model_memory_bytes(model)
+    planned, budget = load_plan["planned"], load_plan["budget"]
+    if planned is not None and held != planned:
+        raise FormatError(f"{info['path']}: the loaded model holds {held:,} bytes but the header promised "
+                          f"{planned:,}; the artifact's sizes are inconsistent")
+    if budget is not None and held > budget:  # only reachable without BitStack layers
+        raise UsageError(f"memory budget {budget:,} bytes ({budget / 1e6:.2f} MB) is below this artifact's "
+                         f"minimum of {held:,} bytes ({held / 1e6:.2f} MB); it has no BitStack layers to drop")
+    return held
 
 
 def budget_plan(out_dir: Union[str, Path], info: Optional[dict] = None):

@@ -194,9 +194,10 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     existing = getattr(config, "quantization_config", None)
     if existing is not None:
         method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
-        # a model loaded from a .gguf keeps {"quant_method": "gguf", ...}: it names the source file, while the
-        # artifact's dense tensors are already dequantized, so it is replaced; anything else is refused
-        if str(getattr(method, "value", method)) != "gguf":
+        # the artifact's own {"quant_method": "quantkit"} (quantkit's transformers quantizer) is replaced by
+        # bitsandbytes' entry, and so is an older artifact's {"quant_method": "gguf", ...} from a .gguf source;
+        # anything else is refused
+        if str(getattr(method, "value", method)) not in ("gguf", "quantkit"):
             raise FormatError(f"{out_dir}/config.json already has a quantization_config ({method}); "
                               "refusing to replace it")
 

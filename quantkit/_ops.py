@@ -51,9 +51,8 @@ from typing import Optional
 import torch
 
 from quantkit import _row_chunks
+from quantkit._ops_lib import _check_intk_args, _check_lut4_args, _lib, lut4_decode_absmax  # noqa: F401 (re-exported)
 from quantkit.errors import KernelUnavailable
-
-_lib = torch.library.Library("quantkit", "DEF")
 
 _lib.define(
     "lut4_dequantize(Tensor packed, Tensor absmax, Tensor code, int blocksize, int rows, int cols, "
@@ -64,40 +63,6 @@ _lib.define(
     "int out_features, int in_features, Tensor? bias, Tensor? absmax_code, Tensor? absmax_scale, "
     "float absmax_offset, int absmax_blocksize) -> Tensor"
 )
-
-
-def _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale,
-                     absmax_blocksize) -> None:
-    """Shape/dtype checks shared by the fake and reference impls (messages name the shapes)."""
-    n = rows * cols
-    nb = -(-n // blocksize) if blocksize > 0 else 0
-    torch._check(blocksize > 0, lambda: f"blocksize must be positive, got {blocksize}")
-    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.numel() == (n + 1) // 2,
-                 lambda: f"packed has {packed.numel()} bytes but a {rows}x{cols} weight needs {(n + 1) // 2}")
-    torch._check(code.numel() == 16 and code.dtype == torch.float32,
-                 lambda: f"code must be fp32 [16], got {code.dtype} {list(code.shape)}")
-    torch._check(absmax.numel() == nb,
-                 lambda: f"absmax has {absmax.numel()} entries but {rows}x{cols} at blocksize {blocksize} needs {nb}")
-    if absmax.dtype == torch.uint8:
-        torch._check(absmax_code is not None and absmax_scale is not None,
-                     lambda: "uint8 (double-quantized) absmax needs absmax_code and absmax_scale")
-        torch._check(absmax_blocksize > 0, lambda: f"absmax_blocksize must be positive, got {absmax_blocksize}")
-        torch._check(absmax_code.numel() == 256, lambda: f"absmax_code must have 256 entries, got {absmax_code.numel()}")
-        torch._check(absmax_scale.numel() == -(-nb // absmax_blocksize),
-                     lambda: f"absmax_scale has {absmax_scale.numel()} entries, expected {-(-nb // absmax_blocksize)}")
-    else:
-        torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be fp32 or uint8, got {absmax.dtype}")
-
-
-def lut4_decode_absmax(absmax: torch.Tensor, absmax_code: Optional[torch.Tensor],
-                       absmax_scale: Optional[torch.Tensor], absmax_offset: float,
-                       absmax_blocksize: int) -> torch.Tensor:
-    """fp32 [nb] block scales, undoing double quantization when ``absmax`` is uint8."""
-    if absmax.dtype != torch.uint8:
-        return absmax.float()
-    idx = torch.arange(absmax.numel(), device=absmax.device) // absmax_blocksize
-    return absmax_code[absmax.long()] * absmax_scale[idx] + absmax_offset
 
 
 def lut4_dequantize_reference(packed, absmax, code, blocksize, rows, cols, absmax_code=None,
@@ -192,17 +157,6 @@ _lib.define(
     "intk_linear(Tensor x, Tensor packed, Tensor scale, int bits, float offset, int out_features, "
     "int in_features, Tensor? bias) -> Tensor"
 )
-
-
-def _check_intk_args(packed, scale, bits, offset, rows, cols) -> None:
-    torch._check(1 <= bits <= 8, lambda: f"bits must be 1..8, got {bits}")
-    nbytes = -(-cols * bits // 8)
-    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8, got {packed.dtype}")
-    torch._check(packed.dim() == 2 and packed.shape[0] == rows and packed.shape[1] == nbytes,
-                 lambda: f"packed must be [{rows}, {nbytes}] for a {rows}x{cols} {bits}-bit weight, "
-                         f"got {list(packed.shape)}")
-    torch._check(scale.dtype == torch.float32 and scale.numel() == rows,
-                 lambda: f"scale must be fp32 [{rows}], got {scale.dtype} {list(scale.shape)}")
 
 
 def intk_dequantize_reference(packed, scale, bits, offset, rows, cols):

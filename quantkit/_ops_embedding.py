@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit._ops import _check_intk_args, _check_lut4_args, _lib
+from quantkit._ops_lib import _check_intk_args, _check_lut4_args, _lib
 from quantkit.formats import intk
 
 _lib.define("intk_embedding(Tensor ids, Tensor packed, Tensor scale, int bits, float offset, int rows, "

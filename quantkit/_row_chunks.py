@@ -81,7 +81,7 @@ def lut4_rows(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bl
               cols: int, absmax_code: Optional[torch.Tensor], absmax_scale: Optional[torch.Tensor],
               absmax_offset: float, absmax_blocksize: int) -> DequantRows:
     """Rows of an nf4/fp4 weight (``lut4_dequantize``'s arguments; packed uint8 [(rows*cols+1)//2])."""
-    from quantkit._ops import lut4_decode_absmax
+    from quantkit._ops_lib import lut4_decode_absmax
 
     scales = lut4_decode_absmax(absmax, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
     flat_packed = packed.reshape(-1)

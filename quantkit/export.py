@@ -13,7 +13,8 @@ half-written. See docs/export.md.
 Adding a format to a target is one function in that target's module (``hf_bnb.py``:
 a checker that returns the format's ``BitsAndBytesConfig`` arguments; ``onnx_export.py``:
 a converter returning an export-ready ``nn.Module``) plus one entry in its table there;
-this file derives ``SUPPORTED`` from those tables.
+this file derives ``SUPPORTED`` from those tables. Imports run one way: this file imports the
+targets, the targets import ``quantkit/io/export_checks.py``, and nothing imports back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Union
 
 from quantkit.errors import UsageError
+from quantkit.io import export_checks
+from quantkit.io.export_checks import check_export_paths
 
 TARGETS = ("hf-bnb", "onnx")
 
@@ -29,51 +32,18 @@ TARGETS = ("hf-bnb", "onnx")
 def supported_formats(target: str) -> dict[str, str]:
     """{module format: what it becomes} for ``target`` (raises UsageError for an unknown target)."""
     if target == "hf-bnb":
-        from quantkit.io.hf_bnb import HF_BNB_FORMATS
-        return {fmt: desc for fmt, (desc, _) in HF_BNB_FORMATS.items()}
+        from quantkit.io import hf_bnb
+        return hf_bnb.supported_formats()
     if target == "onnx":
-        from quantkit.io.onnx_export import ONNX_FORMATS
-        return {fmt: desc for fmt, (desc, _) in ONNX_FORMATS.items()}
+        from quantkit.io import onnx_export
+        return onnx_export.supported_formats()
     raise UsageError(f"unknown export target {target!r}; valid targets: {', '.join(TARGETS)}")
 
 
-def _module_type(fmt: str) -> str:
-    from quantkit.nn import PACKED_MODULES
-    cls = PACKED_MODULES.get(fmt)
-    return cls.__name__ if cls is not None else "unknown module type"
-
-
 def check_exportable(modules: dict, target: str) -> None:
-    """Refuse (UsageError) if any packed module's format cannot be expressed by ``target``.
-
-    ``modules`` is the artifact's ``quantkit.modules`` table {name: spec}. The message names
-    the first offending module, its type and format, how many others share the problem, and
-    the formats the target supports.
-    """
-    supported = supported_formats(target)
-    bad = [(name, spec) for name, spec in modules.items() if spec.get("format") not in supported]
-    if not bad:
-        return
-    name, spec = bad[0]
-    fmt = spec.get("format")
-    variant = f"/{spec['quant_type']}" if spec.get("quant_type") else ""
-    more = f" (and {len(bad) - 1} more module(s))" if len(bad) > 1 else ""
-    valid = "; ".join(f"{f} ({d})" for f, d in supported.items())
-    raise UsageError(f"cannot export module {name} ({_module_type(fmt)}, format {fmt}{variant}){more} to "
-                     f"{target}: {target} supports only {valid}")
-
-
-def check_export_paths(out: Union[str, Path], dest: Union[str, Path], overwrite: bool) -> tuple[Path, Path]:
-    """Refuse a missing artifact, an existing ``dest`` (unless ``overwrite``) or ``dest == out``,
-    before anything is loaded. Shared by ``export`` and every target's exporter."""
-    out, dest = Path(out), Path(dest)
-    if not out.is_dir():
-        raise UsageError(f"{out} does not exist or is not a folder")
-    if dest.exists() and not overwrite:
-        raise UsageError(f"output {dest} already exists; pass --overwrite (overwrite=True) to replace it")
-    if dest.resolve() == out.resolve():
-        raise UsageError(f"export destination {dest} is the artifact itself; choose another folder")
-    return out, dest
+    """Refuse (UsageError) if any packed module's format cannot be expressed by ``target``
+    (see ``quantkit.io.export_checks.check_exportable``)."""
+    export_checks.check_exportable(modules, target, supported_formats(target))
 
 
 def export(out: Union[str, Path], to: str, dest: Union[str, Path], overwrite: bool = False,

@@ -148,6 +148,11 @@ def _hf_tied_aliases(model) -> dict[str, str]:
     return alias
 
 
+def supported_formats() -> dict[str, str]:
+    """{module format: what it becomes in the bitsandbytes folder}."""
+    return {fmt: desc for fmt, (desc, _) in HF_BNB_FORMATS.items()}
+
+
 def bnb_quantization_config(modules: dict, skip_modules: list[str]) -> dict:
     """``quantization_config`` exactly as transformers writes it for these packed modules."""
     import torch
@@ -165,7 +170,7 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     from torch import nn
     from transformers import AutoConfig
 
-    from quantkit.export import check_exportable, check_export_paths
+    from quantkit.io.export_checks import check_export_paths, check_exportable
 
     out_dir, dest = check_export_paths(out_dir, dest, overwrite)
     info = read_metadata(out_dir)
@@ -182,7 +187,7 @@ def export_hf_bnb(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: 
     if not modules:
         raise UsageError(f"{out_dir} has no quantized modules; hf-bnb export needs at least one "
                          "(an unquantized artifact already loads with transformers as it is)")
-    check_exportable(modules, "hf-bnb")
+    check_exportable(modules, "hf-bnb", supported_formats())
     _shared_bnb_args(modules)  # mixed settings fail here, before anything is read
     spanning = [n for n, s in modules.items() if int(s["in_features"]) % int(s["blocksize"])]
     if spanning:

@@ -99,10 +99,6 @@ def embedding_to_onnx(module) -> nn.Module:
             "dense_embedding": DenseEmbeddingExport}[module.FORMAT](module)
 
 
-def tied_head_to_onnx(module) -> nn.Module:
-    """The linear export form of the embedding a TiedHead reads (the converters of onnx_export)."""
-    from quantkit.io.onnx_export import ONNX_FORMATS
-
-    table = module.embedding
-    linear_format = {"intk_embedding": "intk", "lut4_embedding": "lut4", "dense_embedding": "dense"}[table.FORMAT]
-    return ONNX_FORMATS[linear_format][1](table)
+def table_linear_format(module) -> str:
+    """The linear format whose converter exports the table a TiedHead ``module`` reads."""
+    return {"intk_embedding": "intk", "lut4_embedding": "lut4", "dense_embedding": "dense"}[module.embedding.FORMAT]

@@ -229,6 +229,13 @@ def _embeddings(name: str) -> Callable[[nn.Module], nn.Module]:
     return convert
 
 
+def _tied_head_to_onnx(module) -> nn.Module:
+    """The linear export form of the embedding table a TiedHead reads."""
+    from quantkit.io.onnx_embeddings import table_linear_format
+
+    return ONNX_FORMATS[table_linear_format(module)][1](module.embedding)
+
+
 # format -> (what it becomes, converter(module) -> export-ready module)
 ONNX_FORMATS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "lut4": ("nf4/fp4 as com.microsoft::MatMulBnb4", _lut4_to_onnx),
@@ -242,9 +249,13 @@ ONNX_FORMATS: dict[str, tuple[str, Callable[[nn.Module], nn.Module]]] = {
     "lut4_embedding": ("nf4/fp4 token embedding as Gather of the packed nibbles + decode",
                        _embeddings("embedding_to_onnx")),
     "dense_embedding": ("bf16/fp16 token embedding as Gather + Cast", _embeddings("embedding_to_onnx")),
-    "tied_head": ("output head tied to the packed embedding, in that table's linear form",
-                  _embeddings("tied_head_to_onnx")),
+    "tied_head": ("output head tied to the packed embedding, in that table's linear form", _tied_head_to_onnx),
 }
+
+
+def supported_formats() -> dict[str, str]:
+    """{module format: what it becomes in the ONNX graph}."""
+    return {fmt: desc for fmt, (desc, _) in ONNX_FORMATS.items()}
 
 
 def _translation_table() -> dict:
@@ -365,7 +376,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
     """Write ``dest``: ``model.onnx`` (input_ids -> logits) plus config and tokenizer files.
 
     memory_budget: export the model as ``load(out_dir, memory_budget=...)`` loads it."""
-    from quantkit.export import check_exportable, check_export_paths
+    from quantkit.io.export_checks import check_export_paths, check_exportable
     from quantkit.io.artifact import load
 
     out_dir, dest = check_export_paths(out_dir, dest, overwrite)
@@ -376,7 +387,7 @@ def export_onnx(out_dir: Union[str, Path], dest: Union[str, Path], overwrite: bo
         raise UsageError(f"onnx export needs the onnx and onnxscript packages ({e}); "
                          "pip install onnx onnxscript (onnxruntime to run the result)") from None
     info = read_metadata(out_dir)
-    check_exportable(info["modules"], "onnx")
+    check_exportable(info["modules"], "onnx", supported_formats())
     model = load(out_dir, memory_budget=memory_budget).float()  # fp32 graph (norms, embeddings) whatever the source dtype; packed bytes untouched
     model = prepare_for_onnx(model, info["modules"])
     # The exporter's optimizer constant-folds small initializer-only subgraphs, which would

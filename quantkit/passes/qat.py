@@ -114,7 +114,7 @@ def resolve_point(value, key: str, total_steps, plan_start) -> int:
 
 def apply(model: nn.Module, cfg: QATPassConfig, progress: bool = True, scope: str = "") -> list[str]:
     """CLI/compress path: prepare and convert at once (no training), see the module docstring."""
-    from quantkit.qat.api import convert_module, qat_linear_for
+    from quantkit.qat.convert import convert_module, qat_linear_for
     from quantkit.passes.targets import replace_module, select_linears
     from quantkit.progress import progress_bar
 

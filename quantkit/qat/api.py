@@ -12,16 +12,9 @@ from quantkit.errors import UsageError
 from quantkit.passes.qat import QATPassConfig, resolve_point
 from quantkit.passes.targets import replace_module, select_linears
 from quantkit.qat.modules import QATLinear
-from quantkit.qat.quantizers import DualBinFakeQuant, IntFakeQuant, Lut4FakeQuant, make_quantizer, pack
+from quantkit.qat.convert import convert_module, qat_linear_for  # noqa: F401  (also part of this API)
 from quantkit.qat.schedule import QATPlan
 from quantkit.recipe import Recipe, load_recipe
-
-
-def qat_linear_for(linear: nn.Linear, cfg: QATPassConfig, start: int, end: Optional[int]) -> QATLinear:
-    quantizer = make_quantizer(linear.out_features, cfg.grid, cfg.bits, cfg.blocksize, cfg.double_quant,
-                               in_features=linear.in_features)
-    quantizer.to(device=linear.weight.device)
-    return QATLinear(linear, quantizer, start, end)
 
 
 def prepare(model: nn.Module, recipe: Union[str, Path, Recipe, dict], *, plan: Optional[QATPlan] = None,
@@ -83,36 +76,6 @@ def step(model: nn.Module, step: int) -> bool:
     if not mods:
         raise UsageError("quantkit.qat.step: the model has no QAT modules; call quantkit.qat.prepare first")
     return any([m.set_step(int(step)) != 0 for m in mods.values()])
-
-
-@torch.no_grad()
-def convert_module(m: QATLinear) -> nn.Module:
-    """The packed module for one QATLinear: IntKLinear (int grids), Lut4Linear (nf4/fp4) or
-    DualBinLinear (dual binary)."""
-    from quantkit.nn.intk_linear import IntKLinear
-    from quantkit.nn.lut4_linear import Lut4Linear
-    from quantkit.qat.modules import FROZEN
-
-    frozen = int(m.phase) == FROZEN
-    w = m.frozen_weight if frozen else m.weight
-    q = m.quantizer
-    if not bool(q.initialized):
-        q.init_scale(w)  # QAT never started: round-to-nearest with the initial scales
-    bias = m.bias
-    if isinstance(q, Lut4FakeQuant):
-        lin = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
-        lin.weight = nn.Parameter(w.detach().cpu(), requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias.detach().cpu(), requires_grad=False)
-        return Lut4Linear.from_linear(lin, q.grid, q.blocksize, q.double_quant)
-    if isinstance(q, DualBinFakeQuant):
-        from quantkit.nn.dualbin_linear import DualBinLinear
-
-        packed = q.pack(w, m.frozen_alpha if frozen else None)
-        return DualBinLinear.from_packed(packed, None if bias is None else bias.detach().cpu())
-    assert isinstance(q, IntFakeQuant)
-    packed = pack(q, w, m.frozen_alpha if frozen else None)
-    return IntKLinear.from_packed(packed, None if bias is None else bias.detach().cpu())
 
 
 def convert(model: nn.Module) -> nn.Module:

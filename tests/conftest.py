@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Llama checkpoint with a real (tiny) tokenizer, built offline."""
 
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -62,3 +63,24 @@ def tiny_llama_dir(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@dataclass(frozen=True)
+class _RecordConfig:
+    n_samples: int = 2
+    seq_len: int = 16
+
+
+@pytest.fixture
+def record_pass(monkeypatch):
+    """A calibrated pass "record" that keeps the windows it is handed (the list yielded)."""
+    from quantkit.passes import PASSES, PassSpec
+
+    seen = []
+
+    def apply(model, cfg, progress, scope="", calib=None):
+        seen.append(calib.batches(cfg.n_samples, cfg.seq_len))
+        return ["model.layers.0.mlp.up_proj"]
+
+    monkeypatch.setitem(PASSES, "record", PassSpec("record", _RecordConfig, apply, "test", calibrated=True))
+    yield seen

@@ -1,7 +1,6 @@
 """Calibration plumbing: CalibSource windows, and calibrated passes receiving them from
 quantkit.compress and `quantkit compress` (which loads the model whole for them)."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ import quantkit
 
 from quantkit.calibration import CalibSource, calib_source
 from quantkit.errors import UsageError
-from quantkit.passes import PASSES, PassSpec
 
 
 class _CharTokenizer:
@@ -53,27 +51,6 @@ def test_text_shorter_than_a_window_is_refused():
 def test_model_without_tokenizer_is_refused():
     with pytest.raises(UsageError, match="tokenizer"):
         calib_source(torch.nn.Linear(2, 2))
-
-
-@dataclass(frozen=True)
-class _RecordConfig:
-    n_samples: int = 2
-    seq_len: int = 16
-
-
-_SEEN = []
-
-
-def _record_apply(model, cfg, progress, scope="", calib=None):
-    _SEEN.append(calib.batches(cfg.n_samples, cfg.seq_len))
-    return ["model.layers.0.mlp.up_proj"]
-
-
-@pytest.fixture
-def record_pass(monkeypatch):
-    _SEEN.clear()
-    monkeypatch.setitem(PASSES, "record", PassSpec("record", _RecordConfig, _record_apply, "test", calibrated=True))
-    yield _SEEN
 
 
 def test_compress_hands_calibration_to_calibrated_passes(tiny_llama_dir, record_pass):

@@ -2,7 +2,6 @@
 with a text, a list of texts, a datasets.Dataset or token ids; windows start with BOS when the
 tokenizer adds one by default; the messages for a missing tokenizer (Python and CLI)."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,30 +9,8 @@ import torch
 import quantkit
 from quantkit.calibration import CalibSource, calib_source
 from quantkit.errors import UsageError
-from quantkit.passes import PASSES, PassSpec
 
 RECIPE = {"version": 1, "name": "r", "passes": [{"pass": "record", "n_samples": 3, "seq_len": 12}]}
-
-
-@dataclass(frozen=True)
-class _RecordConfig:
-    n_samples: int = 2
-    seq_len: int = 16
-
-
-_SEEN = []
-
-
-def _record_apply(model, cfg, progress, scope="", calib=None):
-    _SEEN.append(calib.batches(cfg.n_samples, cfg.seq_len))
-    return ["model.layers.0.mlp.up_proj"]
-
-
-@pytest.fixture
-def record_pass(monkeypatch):
-    _SEEN.clear()
-    monkeypatch.setitem(PASSES, "record", PassSpec("record", _RecordConfig, _record_apply, "test", calibrated=True))
-    yield _SEEN
 
 
 @pytest.fixture

@@ -17,16 +17,6 @@ from quantkit.models.text import default_text  # noqa: E402
 VOCAB = 512
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _ids(n, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n,), generator=g)

@@ -10,19 +10,6 @@ from quantkit.eval.perplexity import perplexity
 from quantkit.models.text import default_text
 from quantkit.models.tokens import cut_windows, default_bos
 
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def _hand_nll(model, windows: torch.Tensor) -> float:
     """Mean NLL of every token but the first of each window, predicted from the ones before."""
     with torch.no_grad():

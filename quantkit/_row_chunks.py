@@ -70,9 +70,12 @@ def grad_input_by_rows(grad: torch.Tensor, out_features: int, in_features: int, 
     """grad [..., out] (any float dtype) -> grad_x [..., in] in ``x_dtype``, = grad.float() @ W
     accumulated in fp32 over row chunks of W (never all of W at once)."""
     g = grad.reshape(-1, out_features).float()
-    gx = g.new_zeros((g.shape[0], in_features))
+    gx = None
     for r0, r1 in row_chunks(out_features):
-        gx.addmm_(g[:, r0:r1], dequant_rows(r0, r1))
+        w = dequant_rows(r0, r1)
+        gx = g[:, r0:r1] @ w if gx is None else gx.addmm_(g[:, r0:r1], w)
+    if gx is None:  # out_features == 0
+        gx = g.new_zeros((g.shape[0], in_features))
     return gx.reshape(*grad.shape[:-1], in_features).to(x_dtype)
 
 

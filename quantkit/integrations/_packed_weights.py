@@ -112,15 +112,7 @@ def repack(module: nn.Module, w: torch.Tensor) -> None:
     device = module.bias.device if module.bias is not None else next(module.buffers()).device
     w = w.float().cpu()
     if isinstance(module, Lut4Linear):
-        s = module.state
-        q = lut4.quantize(w, s.quant_type, s.blocksize, s.nested)
-        module.weight = q.packed.to(device)
-        module.weight_absmax = q.absmax.to(device)
-        module.weight_quant_map = q.quant_map.to(device)
-        if s.nested:
-            module.weight_nested_absmax = q.nested_absmax.to(device)
-            module.weight_nested_quant_map = q.nested_quant_map.to(device)
-        module.state = dataclasses.replace(q.state, dtype=s.dtype)  # new nested_offset, original dtype name
+        _repack_lut4(module, w, device)
     elif isinstance(module, IntKLinear):
         # round onto the module's own grid: same bits, offset and per-row step (the step QAT
         # learned or round-to-nearest chose); values beyond the grid clamp to its ends
@@ -135,3 +127,40 @@ def repack(module: nn.Module, w: torch.Tensor) -> None:
         module.weight = w.to(getattr(torch, module.storage_dtype)).contiguous().to(device)
     else:
         raise UsageError(f"{type(module).__name__} is not a quantkit packed linear")
+
+
+def _lut4_codes_on_own_scales(module: Lut4Linear, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [(n+1)//2, 1], its dequantization fp32 [out, in]): w rounded to the nearest
+    code with the layer's block scales kept (clamped to +-absmax)."""
+    s = module.state
+    q = module.packed()
+    scales = lut4.decode_absmax(lut4.Lut4Weight(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in (
+        q.packed, q.absmax, q.quant_map, q.state, q.nested_absmax, q.nested_quant_map))))
+    flat = w.reshape(-1)
+    n = flat.numel()
+    per_elem = scales[torch.arange(n) // s.blocksize]
+    scaled = torch.clamp(flat * (1.0 / per_elem.clamp(min=1e-38)), -1, 1)
+    codes = lut4._encode(torch.nn.functional.pad(scaled, (0, n % 2)), s.quant_type)  # odd n: pad as quantize does
+    packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1).contiguous()
+    return packed, (q.quant_map.cpu()[codes[:n].long()] * per_elem).view_as(w)
+
+
+def _repack_lut4(module: Lut4Linear, w: torch.Tensor, device) -> None:
+    """The better of two nf4/fp4 encodings of w, same quant type, block size and double quant:
+    (a) new codes on the layer's own block scales: every weight moves to a grid point at least
+    as close as its old one, so it never ends farther from w than the base was; best for a
+    LoRA delta, which is mostly smaller than the rounding step; (b) a full re-quantization
+    (new block scales): better when the delta moves a block's largest weight a lot."""
+    s = module.state
+    packed_a, deq_a = _lut4_codes_on_own_scales(module, w)
+    q = lut4.quantize(w, s.quant_type, s.blocksize, s.nested)
+    if (deq_a - w).norm() <= (lut4.dequantize(q) - w).norm():
+        module.weight = packed_a.to(device)
+        return
+    module.weight = q.packed.to(device)
+    module.weight_absmax = q.absmax.to(device)
+    module.weight_quant_map = q.quant_map.to(device)
+    if s.nested:
+        module.weight_nested_absmax = q.nested_absmax.to(device)
+        module.weight_nested_quant_map = q.nested_quant_map.to(device)
+    module.state = dataclasses.replace(q.state, dtype=s.dtype)  # new nested_offset, original dtype name

@@ -12,6 +12,8 @@ mixed-batch inference, state-dict keys, save/load) is peft's own code:
                   a time from the packed weight (peft's DoRA dequantizes W whole every step)
     merge         dequantize, add the deltas (DoRA: scale rows), re-pack in the same format
                   and spec; refused for dual-binary and BitStack (_packed_weights.merge_refusal)
+                  (``merge_kept``: the share of the weight change the re-packing kept; a
+                  warning when below half, as with a realistic adapter on a 4-bit base)
     unmerge       exact: restores the packed tensors kept when the first adapter was merged
 
 Shapes: x [..., in_features] -> [..., out_features]; lora_A [r, in], lora_B [out, r] fp32.
@@ -94,6 +96,7 @@ class PackedLoraLinear(Linear):
                              "[out_features, in_features], as nn.Linear's); leave it False")
         super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs)
         self._unmerged_packed: Optional[dict] = None
+        self.merge_kept: Optional[float] = None  # set by merge()
 
     # --- what peft reads from nn.Linear --------------------------------------------------------
     def _get_in_out_features(self, module: nn.Module):
@@ -122,6 +125,7 @@ class PackedLoraLinear(Linear):
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     # --- merge / unmerge -----------------------------------------------------------------------
+    @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Re-pack base + the adapters' deltas in the base's own format (see the module docstring)."""
         new = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
@@ -136,7 +140,7 @@ class PackedLoraLinear(Linear):
             pw.restore(base, self._unmerged_packed)
         else:
             self._unmerged_packed = pw.snapshot(base)
-        w = base.dequantized_weight().float()
+        w0 = w = base.dequantized_weight().float()
         bias = None if base.bias is None else base.bias.detach().float().clone()
         for a in names:
             delta = self.get_delta_weight(a).float()
@@ -155,6 +159,10 @@ class PackedLoraLinear(Linear):
         if bias is not None:
             base.bias.data.copy_(bias.to(base.bias.dtype))
         self.merged_adapters = names
+        # how much of the weight change survived the re-packing: 1 - |repacked - (W + delta)| / |delta|
+        change = (w - w0).norm()
+        self.merge_kept = float(1 - (base.dequantized_weight().float() - w).norm() / change) if change > 0 else 1.0
+        _warn_if_lossy(base, self.merge_kept)
 
     def unmerge(self) -> None:
         """Put back the packed base exactly as it was before the first merge."""
@@ -167,6 +175,22 @@ class PackedLoraLinear(Linear):
 
     def __repr__(self) -> str:
         return "quantkit." + super().__repr__()
+
+
+_warned: set = set()
+
+
+def _warn_if_lossy(base: nn.Module, kept: float) -> None:
+    """Warn (once per format and process) when re-packing lost most of an adapter's weight change."""
+    fmt = base.spec()["format"]
+    if kept >= 0.5 or fmt in _warned:
+        return
+    _warned.add(fmt)
+    warnings.warn(f"merging a LoRA adapter into {fmt} re-packed W + delta and kept only {kept:.0%} of the adapter's "
+                  f"weight change in {type(base).__name__}({base.in_features} -> {base.out_features}): the delta is "
+                  "mostly smaller than the format's rounding step, so the merged model is close to the base. Serve "
+                  "base + adapter unmerged for the fine-tuned behaviour (docs/peft.md, 'Merging'); "
+                  "unmerge_adapter() restores the base exactly.", UserWarning, stacklevel=3)
 
 
 def custom_modules() -> dict:

@@ -1,0 +1,209 @@
+"""The decode loop: prefill the prompt in one forward, then one forward per new token on a
+preallocated static KV cache; greedy or seeded temperature/top-p sampling; streamed text.
+
+    quantkit.runtime.generate(model, tokenizer, "Once upon a time", max_new_tokens=64, stream=print)
+
+Greedy output is identical to ``model.generate(do_sample=False)`` on the same model (tested
+for Llama, Qwen2, Gemma3, on plain and packed linears). Architectures whose transformers
+class cannot use a static cache fall back to ``model.generate`` with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from quantkit.errors import UsageError
+from quantkit.runtime.sampling import check_sampling, next_token
+from quantkit.runtime.text_stream import TextStream
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """One generate call. Times are wall seconds (time.perf_counter)."""
+
+    ids: list                   # the new token ids (int), EOS included when it stopped there
+    text: str                   # their text (special tokens skipped)
+    prompt_tokens: int
+    new_tokens: int             # len(ids)
+    prefill_seconds: float      # the prompt's forward, which also yields the first new token
+    decode_seconds: float       # the new_tokens - 1 one-token forwards after it (sampling, streaming included)
+    stopped: str                # "eos" or "max_new_tokens"
+    runtime: str                # "static-cache" (this loop) or "model.generate" (the fallback)
+    threads: int                # torch.get_num_threads() during the run
+    fallback_reason: Optional[str] = field(default=None)
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the one-token steps (the prefill's token is not counted)."""
+        n = self.new_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
+
+    def stats_line(self) -> str:
+        return (f"prompt {self.prompt_tokens} tokens at {self.prompt_tokens_per_s:.1f} tok/s, "
+                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s "
+                f"({self.threads} threads, stopped at {self.stopped}, {self.runtime})")
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+                "prompt_tokens_per_s": self.prompt_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
+                "stopped": self.stopped, "runtime": self.runtime, "threads": self.threads,
+                "fallback_reason": self.fallback_reason}
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """The model's context (``max_position_embeddings`` of its text config), None if it names none."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def eos_ids(model: nn.Module, tokenizer=None) -> set:
+    """The ids that end generation: the generation config's eos_token_id (int or list), else the
+    model config's, else the tokenizer's (the order ``model.generate`` uses)."""
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if eos is not None:
+            return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return set()
+
+
+def static_cache_unsupported(model: nn.Module) -> Optional[str]:
+    """Why this model cannot run the static-cache loop (None when it can)."""
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"{type(model).__name__} does not support a static KV cache in transformers"
+    if getattr(model, "_is_stateful", False):
+        return f"{type(model).__name__} is a stateful (recurrent) model"
+    return None
+
+
+def generate(model: nn.Module, tokenizer, prompt: Optional[str] = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, threads: Optional[int] = None,
+             stream: Optional[Callable[[str], None]] = None, prompt_ids: Optional[Sequence[int]] = None,
+             ignore_eos: bool = False, compile: bool = False) -> GenerateResult:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt`` (batch 1).
+
+    prompt: text, tokenized with the tokenizer's defaults (its BOS when it adds one), or
+    ``prompt_ids`` (1-D ints) instead. temperature 0 = greedy; > 0 samples with top_p from a
+    ``torch.Generator`` seeded with ``seed``. threads: torch CPU threads for the call (restored
+    after). stream: called with each new piece of text as it is decoded. ignore_eos: run all
+    ``max_new_tokens`` steps (speed measurements). compile: ``torch.compile`` the one-token
+    step (see docs/benchmarks.md, "Decode runtime", for whether it pays).
+
+    UsageError for an empty prompt, max_new_tokens <= 0, bad sampling settings, or a prompt +
+    max_new_tokens longer than the model's context.
+    """
+    ids = _prompt_ids(tokenizer, prompt, prompt_ids)
+    if max_new_tokens <= 0:
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_sampling(temperature, top_p)
+    ctx = context_length(model)
+    if ctx is not None and len(ids) + max_new_tokens > ctx:
+        raise UsageError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{len(ids) + max_new_tokens} tokens is longer than the model's context of {ctx} tokens")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}")
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        reason = static_cache_unsupported(model)
+        if reason is None:
+            return _static_loop(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream,
+                                ignore_eos, compile)
+        print(f"quantkit: generate falls back to model.generate: {reason}", file=sys.stderr)
+        from quantkit.runtime.fallback import hf_generate
+        return hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos,
+                           reason)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _prompt_ids(tokenizer, prompt, prompt_ids) -> list:
+    if prompt_ids is not None:
+        ids = [int(i) for i in torch.as_tensor(prompt_ids).reshape(-1).tolist()]
+    else:
+        if prompt is None or prompt == "":
+            raise UsageError("the prompt is empty; give some text to continue")
+        if tokenizer is None:
+            raise UsageError("generate needs a tokenizer to encode the prompt (or prompt_ids)")
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise UsageError("the prompt is empty (it encodes to no tokens); give some text to continue")
+    return ids
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _static_loop(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos,
+                 compile) -> GenerateResult:
+    from transformers import StaticCache
+
+    from quantkit.models.loading import quiet_transformers
+
+    device = _device(model)
+    n_prompt = len(ids)
+    stop = set() if ignore_eos else eos_ids(model, tokenizer)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+    text = TextStream(tokenizer) if tokenizer is not None else None
+    out_ids: list = []
+    model.eval()
+    step = torch.compile(model, dynamic=False) if compile else model
+    cache_kw = _cache_keyword(model)
+    with quiet_transformers(), torch.inference_mode():
+        # preallocated for the whole run: the cache never grows or copies during decode
+        cache = StaticCache(config=model.config, max_cache_len=n_prompt + max_new_tokens)
+        t0 = time.perf_counter()
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        pos = torch.arange(n_prompt, device=device)
+        # logits_to_keep=1: only the last position goes through the head (as model.generate)
+        logits = model(input_ids=x, **{cache_kw: cache}, cache_position=pos, position_ids=pos[None],
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        tok = next_token(logits, temperature, top_p, generator)
+        t1 = time.perf_counter()
+        stopped = "max_new_tokens"
+        for i in range(max_new_tokens):
+            tid = int(tok)
+            out_ids.append(tid)
+            if stream is not None and text is not None:
+                piece = text.push(tid)
+                if piece:
+                    stream(piece)
+            if tid in stop:
+                stopped = "eos"
+                break
+            if i == max_new_tokens - 1:
+                break
+            pos = torch.tensor([n_prompt + i], device=device)
+            logits = step(input_ids=tok.view(1, 1), **{cache_kw: cache}, cache_position=pos,
+                          position_ids=pos[None], use_cache=True).logits[:, -1]
+            tok = next_token(logits, temperature, top_p, generator)
+        t2 = time.perf_counter()
+    if stream is not None and text is not None:
+        rest = text.flush()
+        if rest:
+            stream(rest)
+    decoded = tokenizer.decode(out_ids, skip_special_tokens=True) if tokenizer is not None else ""
+    return GenerateResult(ids=out_ids, text=decoded, prompt_tokens=n_prompt, new_tokens=len(out_ids),
+                          prefill_seconds=t1 - t0, decode_seconds=t2 - t1, stopped=stopped,
+                          runtime="static-cache" + (" + torch.compile" if compile else ""),
+                          threads=torch.get_num_threads())

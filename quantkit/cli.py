@@ -1,4 +1,4 @@
-"""``quantkit`` command line: compress, eval, inspect, export.
+"""``quantkit`` command line: compress, eval, generate, inspect, export.
 
 Exit codes: 0 success; 2 usage errors (bad arguments, bad recipe, missing input, OUT
 exists); 1 any other failure. Errors are one line on stderr; ``--debug`` adds the
@@ -45,6 +45,19 @@ targets:
 examples:
   quantkit export out/smollm2-nf4 --to hf-bnb -o out/smollm2-nf4-hf
   quantkit export out/smollm2-nf4 --to onnx -o out/smollm2-nf4-onnx
+"""
+
+
+EPILOG_GENERATE = """\
+The runtime prefills the prompt in one forward, then runs one forward per token on a
+preallocated static KV cache; greedy output equals transformers' model.generate greedy on
+the same model. Architectures without static-cache support fall back to model.generate
+(one line on stderr says so). The stats line: prompt tokens and prompt (prefill) tok/s,
+new tokens and decode tok/s (the one-token steps after the prefill).
+
+examples:
+  quantkit generate out/smollm2-nf4 --prompt "The capital of France is" -n 32
+  quantkit generate smollm2-135m -p "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1 --threads 2
 """
 
 
@@ -108,6 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "MiB/GiB binary); a BitStack artifact loads as many blocks as fit")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_common(e)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt from a model or artifact",
+                       description="Continue PROMPT with MODEL_OR_OUT: the text streams to stdout, one stats line "
+                                   "(prompt and decode tokens/s) goes to stderr at the end, so stdout is just the text.",
+                       epilog=EPILOG_GENERATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("model", metavar="MODEL_OR_OUT", help="quantkit artifact, model folder, .gguf, or smollm2-135m")
+    g.add_argument("--prompt", "-p", required=True, help="the text to continue (tokenized with the model's tokenizer)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="generate at most this many tokens (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy; > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens with this much "
+                                                            "probability (default 1.0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (speed measurements)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (slow to start)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="activation dtype for the run (default float32)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--memory-budget", metavar="SIZE",
+                   help="artifact only: load it to fit SIZE bytes of weights (as eval --memory-budget)")
+    g.add_argument("--json", action="store_true", help="the stats as one JSON object on stderr instead of a line")
+    _add_common(g)
 
     i = sub.add_parser("inspect", help="per-module format, bits/weight and bytes of an artifact",
                        description="Describe a quantkit artifact without loading its tensors.")
@@ -285,6 +319,45 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import torch
+
+    from quantkit.api import load_model
+    from quantkit.errors import UsageError
+    from quantkit.runtime.generate import generate
+
+    # checked before the (slow) load; the context check needs the model and is done by generate
+    if args.prompt == "":
+        raise UsageError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens <= 0:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    _status(args, f"loading {args.model}")
+    model = load_model(args.model, memory_budget=args.memory_budget)
+    tokenizer = getattr(model, "_quantkit_tokenizer", None)
+    if tokenizer is None:
+        raise UsageError(f"{args.model} has no tokenizer files; generate needs one to encode the prompt")
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    r = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed, threads=args.threads, stream=stream,
+                 ignore_eos=args.ignore_eos, compile=args.compile)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"model": str(args.model), "dtype": args.dtype, "kernels": _kernel_line(), **r.as_dict()}),
+              file=sys.stderr)
+    else:
+        print(f"quantkit: {r.stats_line()}", file=sys.stderr)
+    return 0
+
+
 def _eval_bos(choice: str, tokenizer):
     """``--bos``: "auto" -> perplexity's own rule; "on" -> the tokenizer's BOS id; "off" -> None."""
     if choice == "auto":
@@ -386,7 +459,7 @@ def _status(args, msg: str) -> None:
         print(f"quantkit: {msg}", file=sys.stderr, flush=True)
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export}
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "generate": cmd_generate, "inspect": cmd_inspect, "export": cmd_export}
 
 
 def main(argv=None) -> int:

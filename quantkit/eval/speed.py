@@ -1,8 +1,8 @@
-"""Greedy decode speed: tokens per second of ``model.generate`` on a fixed English prompt."""
+"""Greedy decode speed: tokens per second of quantkit's runtime (quantkit/runtime) on a fixed
+English prompt, the same loop `quantkit generate` runs."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,53 +18,35 @@ DEFAULT_PROMPT = ("The Python standard library is very extensive, offering a wid
 
 @dataclass(frozen=True)
 class SpeedResult:
-    tokens_per_s: float  # new_tokens / seconds
+    tokens_per_s: float  # decode: (new_tokens - 1) one-token steps / their seconds (new_tokens / seconds if 1)
     new_tokens: int
-    seconds: float       # wall time of the timed generate call (prompt prefill included)
+    seconds: float       # wall time of the timed run, prefill included
     prompt_tokens: int
+    prefill_tokens_per_s: float = float("nan")  # prompt_tokens / the prompt forward's seconds
 
 
 def decode_speed(model: nn.Module, tokenizer, prompt: str = DEFAULT_PROMPT, new_tokens: int = 128,
                  warmup: bool = True, prompt_ids: Optional[torch.Tensor] = None) -> SpeedResult:
-    """Time one greedy ``generate`` of exactly ``new_tokens`` tokens (batch 1, KV cache on).
+    """Time one greedy ``quantkit.runtime.generate`` of exactly ``new_tokens`` tokens (batch 1,
+    static KV cache, EOS ignored).
 
-    A short untimed generate runs first when ``warmup``. Threads are whatever torch is set
-    to (torch.set_num_threads). ``prompt_ids`` (1-D) replaces tokenizing ``prompt``.
+    A short untimed run first when ``warmup``. Threads are whatever torch is set to
+    (torch.set_num_threads). ``prompt_ids`` (1-D) replaces tokenizing ``prompt``.
     """
-    from quantkit.models.loading import quiet_transformers
+    from quantkit.runtime.generate import generate
 
     if new_tokens < 1:
         raise UsageError(f"new_tokens must be at least 1, got {new_tokens}")
     if prompt_ids is None:
         if tokenizer is None:
             raise UsageError("decode_speed needs a tokenizer (or prompt_ids)")
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = tokenizer(prompt)["input_ids"]
     else:
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
-    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-    ids = ids.to(device)
-    mask = torch.ones_like(ids)
-    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-    if pad is None:
-        pad = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if pad is None:
-        pad = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(pad, (list, tuple)):
-            pad = pad[0] if pad else None
-    if pad is None:
-        pad = 0
-
-    def generate(n):
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                              min_new_tokens=n, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-
-    model.eval()
-    with quiet_transformers(), torch.inference_mode():
-        if warmup:
-            generate(min(4, new_tokens))
-        t0 = time.perf_counter()
-        out = generate(new_tokens)
-        seconds = time.perf_counter() - t0
-    produced = out.shape[1] - ids.shape[1]
-    return SpeedResult(tokens_per_s=produced / seconds, new_tokens=produced, seconds=seconds,
-                       prompt_tokens=ids.shape[1])
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1).tolist()
+    if warmup:
+        generate(model, tokenizer, prompt_ids=ids, max_new_tokens=min(4, new_tokens), ignore_eos=True)
+    r = generate(model, tokenizer, prompt_ids=ids, max_new_tokens=new_tokens, ignore_eos=True)
+    seconds = r.prefill_seconds + r.decode_seconds
+    tps = r.decode_tokens_per_s if r.new_tokens > 1 else r.new_tokens / seconds
+    return SpeedResult(tokens_per_s=tps, new_tokens=r.new_tokens, seconds=seconds, prompt_tokens=r.prompt_tokens,
+                       prefill_tokens_per_s=r.prompt_tokens_per_s)

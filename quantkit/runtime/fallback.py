@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from quantkit.runtime.model_info import eos_ids, model_device
+from quantkit.runtime.result import GenerateResult
 from quantkit.runtime.text_stream import TextStream
 
 
@@ -40,9 +42,8 @@ class _Streamer:
 
 def hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos, reason):
     from quantkit.models.loading import quiet_transformers
-    from quantkit.runtime.generate import GenerateResult, _device, eos_ids
 
-    device = _device(model)
+    device = model_device(model)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     eos = sorted(eos_ids(model, tokenizer))
     pad = eos[0] if eos else 0

@@ -12,79 +12,16 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from quantkit.errors import UsageError
+from quantkit.runtime.model_info import context_length, eos_ids, model_device, static_cache_unsupported
+from quantkit.runtime.result import GenerateResult
 from quantkit.runtime.sampling import check_sampling, next_token
 from quantkit.runtime.text_stream import TextStream
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """One generate call. Times are wall seconds (time.perf_counter)."""
-
-    ids: list                   # the new token ids (int), EOS included when it stopped there
-    text: str                   # their text (special tokens skipped)
-    prompt_tokens: int
-    new_tokens: int             # len(ids)
-    prefill_seconds: float      # the prompt's forward, which also yields the first new token
-    decode_seconds: float       # the new_tokens - 1 one-token forwards after it (sampling, streaming included)
-    stopped: str                # "eos" or "max_new_tokens"
-    runtime: str                # "static-cache" (this loop) or "model.generate" (the fallback)
-    threads: int                # torch.get_num_threads() during the run
-    fallback_reason: Optional[str] = field(default=None)
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second of the one-token steps (the prefill's token is not counted)."""
-        n = self.new_tokens - 1
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
-
-    def stats_line(self) -> str:
-        return (f"prompt {self.prompt_tokens} tokens at {self.prompt_tokens_per_s:.1f} tok/s, "
-                f"decode {self.new_tokens} tokens at {self.decode_tokens_per_s:.1f} tok/s "
-                f"({self.threads} threads, stopped at {self.stopped}, {self.runtime})")
-
-    def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
-                "prompt_tokens_per_s": self.prompt_tokens_per_s, "decode_tokens_per_s": self.decode_tokens_per_s,
-                "stopped": self.stopped, "runtime": self.runtime, "threads": self.threads,
-                "fallback_reason": self.fallback_reason}
-
-
-def context_length(model: nn.Module) -> Optional[int]:
-    """The model's context (``max_position_embeddings`` of its text config), None if it names none."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    return int(n) if n else None
-
-
-def eos_ids(model: nn.Module, tokenizer=None) -> set:
-    """The ids that end generation: the generation config's eos_token_id (int or list), else the
-    model config's, else the tokenizer's (the order ``model.generate`` uses)."""
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(src, "eos_token_id", None) if src is not None else None
-        if eos is not None:
-            return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-    return set()
-
-
-def static_cache_unsupported(model: nn.Module) -> Optional[str]:
-    """Why this model cannot run the static-cache loop (None when it can)."""
-    if not getattr(model, "_can_compile_fullgraph", False):
-        return f"{type(model).__name__} does not support a static KV cache in transformers"
-    if getattr(model, "_is_stateful", False):
-        return f"{type(model).__name__} is a stateful (recurrent) model"
-    return None
 
 
 def generate(model: nn.Module, tokenizer, prompt: Optional[str] = None, max_new_tokens: int = 128,
@@ -143,10 +80,6 @@ def _prompt_ids(tokenizer, prompt, prompt_ids) -> list:
     return ids
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
-
-
 def _cache_keyword(model: nn.Module) -> str:
     """transformers 5.x renamed forward's ``past_key_values`` to ``cache`` (the old name warns)."""
     import inspect
@@ -160,7 +93,7 @@ def _static_loop(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed
 
     from quantkit.models.loading import quiet_transformers
 
-    device = _device(model)
+    device = model_device(model)
     n_prompt = len(ids)
     stop = set() if ignore_eos else eos_ids(model, tokenizer)
     generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None

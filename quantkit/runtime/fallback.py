@@ -40,7 +40,11 @@ class _Streamer:
                 self.stream(rest)
 
 
-def hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos, reason):
+def hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos, reason,
+                cache_implementation=None):
+    """``model.generate`` on ``ids`` (list of ints), timed like the static loop. reason: why the
+    fallback runs (kept in the result). cache_implementation: passed through ("static" times
+    transformers' generate on the same kind of cache as ours; None = its default)."""
     from quantkit.models.loading import quiet_transformers
 
     device = model_device(model)
@@ -56,12 +60,14 @@ def hf_generate(model, tokenizer, ids, max_new_tokens, temperature, top_p, seed,
         t0 = time.perf_counter()
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=pad,
-                             streamer=streamer, **sample)
+                             streamer=streamer, cache_implementation=cache_implementation, **sample)
         t2 = time.perf_counter()
     new = out[0, len(ids):].tolist()
     t1 = streamer.first_token_at or t2
     stopped = "eos" if new and new[-1] in eos and not ignore_eos else "max_new_tokens"
     text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else ""
     return GenerateResult(ids=new, text=text, prompt_tokens=len(ids), new_tokens=len(new), prefill_seconds=t1 - t0,
-                          decode_seconds=t2 - t1, stopped=stopped, runtime="model.generate",
+                          decode_seconds=t2 - t1, stopped=stopped,
+                          runtime="model.generate" + (f" ({cache_implementation} cache)" if cache_implementation
+                                                      else ""),
                           threads=torch.get_num_threads(), fallback_reason=reason)

@@ -93,7 +93,10 @@ def row(engine: str, threads: int, prompt_tokens: int, prefill_s: float, new: in
 
 
 def time_quantkit(engine, model, tok, ids, n_new, threads, compile=False) -> dict:
-    generate(model, tok, prompt_ids=ids[:16], max_new_tokens=4, ignore_eos=True, threads=threads, compile=compile)
+    # compiled: warm up on the timed shapes, or the timed run would include the compile
+    warm = ids if compile else ids[:16]
+    generate(model, tok, prompt_ids=warm, max_new_tokens=n_new if compile else 4, ignore_eos=True, threads=threads,
+             compile=compile)
     r = generate(model, tok, prompt_ids=ids, max_new_tokens=n_new, ignore_eos=True, threads=threads, compile=compile)
     return {**row(engine, threads, len(ids), r.prefill_seconds, r.new_tokens, r.decode_seconds), "ids": r.ids}
 

@@ -45,8 +45,10 @@ import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 path, threads, ids, n_new = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-llm = Llama(model_path=path, n_ctx=len(ids) + n_new + 8, n_threads=threads, n_threads_batch=threads,
-            n_batch=512, verbose=False)
+n_ctx = len(ids) + n_new + 8
+# n_batch = n_ctx: without logits_all, llm.scores has n_batch rows and eval() writes the last
+# token's logits at row n_tokens - 1, which must stay inside it; the prompt is one batch too
+llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=n_ctx, verbose=False)
 def run(prompt, n):
     llm.reset()
     t0 = time.perf_counter()
@@ -114,7 +116,9 @@ def time_hf(engine, model, tok, ids, n_new, threads, cache=None) -> dict:
 
 def time_llama(python, gguf, ids, n_new, threads) -> dict:
     p = subprocess.run([python, "-c", LLAMA_SCRIPT, str(gguf), str(threads), json.dumps(ids), str(n_new)],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"llama.cpp run failed ({python}): {p.stderr.strip()[-2000:]}")
     d = json.loads(p.stdout.strip().splitlines()[-1])
     return {**row(f"llama.cpp {Path(gguf).name}", threads, len(ids), d["prefill_s"], d["new"], d["decode_s"]),
             "ids": d["ids"]}

@@ -18,6 +18,10 @@ first step) over the steps, and the seconds per step. ``--checkpointing``: trans
 gradient checkpointing (activations kept at block boundaries only, so what the weights'
 handling costs is a larger share of the peak).
 
+RSS counts heap pages glibc keeps after a free; ``MALLOC_MMAP_THRESHOLD_=1048576`` in the
+environment (a glibc tunable, inherited by every variant) serves allocations of 1 MiB and
+more by mmap, so they go back to the kernel when freed and the peak follows live memory.
+
     python tools/bench_lora_memory.py [--steps 5] [--batch 2] [--seq 128] [--r 8] [--checkpointing]
                                       [--variants quantkit-nf4,quantkit-nf4-recipe,bnb-nf4]
 """

@@ -190,7 +190,7 @@ def _warn_if_lossy(base: nn.Module, kept: float) -> None:
                   f"weight change in {type(base).__name__}({base.in_features} -> {base.out_features}): the delta is "
                   "mostly smaller than the format's rounding step, so the merged model is close to the base. Serve "
                   "base + adapter unmerged for the fine-tuned behaviour (docs/peft.md, 'Merging'); "
-                  "unmerge_adapter() restores the base exactly.", UserWarning, stacklevel=3)
+                  "unmerge_adapter() restores the base exactly.", UserWarning, stacklevel=4)
 
 
 def custom_modules() -> dict:

@@ -90,8 +90,8 @@ def _ids(seed=0, b=2, s=9):
     return torch.randint(0, 128, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-def _lora(base, dora=False, **kw):
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, use_dora=dora, **kw)
+def _lora(base, dora=False, dropout=0.0, **kw):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=dropout, use_dora=dora, **kw)
     return get_peft_model(copy.deepcopy(base), cfg)
 
 
@@ -352,3 +352,12 @@ def test_merge_warns_when_repacking_loses_the_adapter(bases):
         model.merge_adapter()
     kept = [m.merge_kept for m in model.modules() if isinstance(m, PackedLoraLinear)]
     assert all(k < 0.5 for k in kept), kept
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "bitstack"])
+def test_dora_with_dropout(bases, fmt):
+    """DoRA with dropout recomputes the base on the dropped-out input (PackedDoraLayer.forward)."""
+    torch.manual_seed(0)
+    model = _lora(bases[fmt], dora=True, dropout=0.1)
+    losses = _train(model)
+    assert losses[-1] < losses[0] - 0.05, losses

@@ -6,6 +6,7 @@ Public API (small on purpose):
     quantkit.load(out_dir) -> nn.Module                       read it back (transformers model)
     quantkit.load_model(name_or_path) -> nn.Module            artifact, HF folder, .gguf, smollm2-135m
     quantkit.export(out_dir, to, dest)                        hf-bnb / onnx deployment export
+    quantkit.generate(model, tokenizer, prompt, ...)          static-KV-cache decode loop (greedy / sampling)
     quantkit.Recipe, quantkit.load_recipe                     recipes (YAML -> frozen dataclasses)
     quantkit.qat                                              QAT: plan / prepare / step / convert
                                                               (imported on first use)
@@ -27,6 +28,7 @@ from quantkit.errors import QuantkitError
 from quantkit.export import export
 from quantkit.io.artifact import load, save
 from quantkit.recipe import Recipe, load_recipe
+from quantkit.runtime import generate
 
 _integrations.install()  # transformers' from_pretrained and peft's LoRA, once those are imported
 
@@ -40,4 +42,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
 
 
-__all__ = ["compress", "save", "load", "load_model", "export", "Recipe", "load_recipe", "QuantkitError", "__version__"]
+__all__ = ["compress", "save", "load", "load_model", "export", "generate", "Recipe", "load_recipe", "QuantkitError", "__version__"]

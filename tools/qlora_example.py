@@ -86,10 +86,6 @@ def main() -> None:
     t0 = time.perf_counter()
     base = quantkit.compress(quantkit.load_model("smollm2-135m"), ROOT / "recipes" / "nf4.yaml", progress=False)
     tok = base._quantkit_tokenizer
-    # the GGUF was read (and dequantized) by transformers, which leaves its GGUF quantizer on the
-    # model; Trainer refuses to train a model marked quantized by a method it cannot train
-    if getattr(base, "hf_quantizer", None) is not None:
-        base.hf_quantizer.remove_quantization_config(base)
     fresh_base = copy.deepcopy(base)  # for the reload check (packed: ~100 MB)
     print(f"base: nf4 SmolLM2-135M compressed in {time.perf_counter() - t0:.0f} s")
 

@@ -344,6 +344,12 @@ def load_source_model(source: ModelSource, dtype: torch.dtype = torch.float32
         except Exception as e:
             raise CheckpointError(f"{where} cannot be loaded as a causal LM: {_one_line(e)}") from None
         tokenizer = load_source_tokenizer(source)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf and quantizer is not None:
+        # transformers keeps its GGUF quantizer on the model although the weights are already
+        # dequantized to ``dtype``; it would make Trainer refuse to fine-tune the model and
+        # mislead anything that asks whether the model is quantized
+        quantizer.remove_quantization_config(model)
     model.eval()
     return model, tokenizer
 

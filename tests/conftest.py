@@ -84,3 +84,27 @@ def record_pass(monkeypatch):
 
     monkeypatch.setitem(PASSES, "record", PassSpec("record", _RecordConfig, apply, "test", calibrated=True))
     yield seen
+
+
+@pytest.fixture
+def float_shapes():
+    """A TorchDispatchMode class recording, for ops run under it, the shape of every floating
+    tensor returned (``.shapes``) and of every dequantize op's result (``.dequant_calls``):
+    the no-dense-weight checks of the chunked backward and of LoRA training."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FloatShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes, self.dequant_calls = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.shapes.append(tuple(t.shape))
+                    if "dequantize" in str(func):
+                        self.dequant_calls.append(tuple(t.shape))
+            return out
+
+    return FloatShapes

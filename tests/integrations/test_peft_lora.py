@@ -26,29 +26,11 @@ from quantkit.integrations import peft_lora  # noqa: E402
 from quantkit.integrations._peft_layer import PackedLoraLinear  # noqa: E402
 from quantkit.integrations._packed_weights import PACKED_LINEARS  # noqa: E402
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FORMATS = ["nf4", "fp4", "intk", "dualbin", "bitstack", "dense"]
 MERGEABLE = ("nf4", "fp4", "intk", "dense")
 peft_lora.register_peft()  # what `import quantkit` will call; idempotent
-
-
-class _FloatShapes(TorchDispatchMode):
-    """Records the shape of every floating tensor any op returns (tests/ops/test_backward_chunks.py)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes, self.dequant_calls = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.shapes.append(tuple(t.shape))
-                if "dequantize" in str(func):
-                    self.dequant_calls.append(tuple(t.shape))
-        return out
 
 
 def _pack(lin, fmt):
@@ -217,7 +199,7 @@ def test_merge_and_unmerge(bases, fmt, dora):
 
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_no_dense_weight_in_a_training_step(bases, fmt, dora):
+def test_no_dense_weight_in_a_training_step(bases, fmt, dora, float_shapes):
     """A forward + backward of the LoRA model makes no float tensor of any packed layer's
     [out, in] or [in, out] shape, and the backward's dequantizations are row chunks (16 rows
     here, so every layer takes several). Coverage: see test_backward_chunks (ops through the
@@ -227,7 +209,7 @@ def test_no_dense_weight_in_a_training_step(bases, fmt, dora):
     shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, PACKED_LINEARS)}
     forbidden = shapes | {(i, o) for o, i in shapes}
     ids = _ids(3)
-    with _row_chunks.grad_chunk_rows(16), _FloatShapes() as rec:
+    with _row_chunks.grad_chunk_rows(16), float_shapes() as rec:
         model(input_ids=ids, labels=ids).loss.backward()
     bad = [s for s in rec.shapes if s in forbidden]
     assert not bad, bad

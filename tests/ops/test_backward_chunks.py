@@ -8,7 +8,6 @@ bf16 activations. Runs on whatever kernels are loaded (native dequantize where b
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantkit import _row_chunks
 from quantkit.formats import intk
@@ -96,25 +95,8 @@ def test_lut4_rows_are_the_dequantized_rows():
         assert torch.equal(rows(r0, r1), full[r0:r1]), (r0, r1)
 
 
-class _FloatShapes(TorchDispatchMode):
-    """Records the shape of every floating tensor any aten/quantkit op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes, self.dequant_calls = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.shapes.append(tuple(t.shape))
-                if "dequantize" in str(func):
-                    self.dequant_calls.append(tuple(t.shape))
-        return out
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_backward_never_builds_the_whole_weight(fmt):
+def test_backward_never_builds_the_whole_weight(fmt, float_shapes):
     """No op outside the forward kernel returns a float tensor of W's [out, in] or [in, out]
     shape in forward + backward; the backward's dequantize calls return chunks.
 
@@ -126,7 +108,7 @@ def test_backward_never_builds_the_whole_weight(fmt):
     out_f, in_f = 70, 96
     mod = make(fmt, out_f, in_f)
     x = torch.randn(2, 9, in_f, requires_grad=True)
-    with _row_chunks.grad_chunk_rows(16), _FloatShapes() as rec:
+    with _row_chunks.grad_chunk_rows(16), float_shapes() as rec:
         mod(x).square().sum().backward()
     assert (out_f, in_f) not in rec.shapes and (in_f, out_f) not in rec.shapes, rec.shapes
     if fmt != "dense":

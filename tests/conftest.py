@@ -34,6 +34,14 @@ def _train_tokenizer(text: str, vocab_size: int = 320, bos: bool = False):
 
 
 @pytest.fixture(scope="session")
+def plain_tokenizer():
+    """A tiny tokenizer that adds nothing to a text (as SmolLM2's)."""
+    from quantkit.models.text import default_text
+
+    return _train_tokenizer(default_text("calib")[:100_000])
+
+
+@pytest.fixture(scope="session")
 def bos_tokenizer():
     """A tiny tokenizer that starts every text with its BOS "<bos>" by default."""
     from quantkit.models.text import default_text

@@ -22,12 +22,8 @@ PROMPT = "The Python standard library is very extensive, offering a wide range o
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from conftest import _train_tokenizer
-
-    from quantkit.models.text import default_text
-
-    return _train_tokenizer(default_text("calib")[:100_000])
+def tok(plain_tokenizer):
+    return plain_tokenizer
 
 
 def _build(arch: str, vocab: int, eos: int):

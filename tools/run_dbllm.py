@@ -52,7 +52,7 @@ def main() -> None:
     rec = Recipe.from_dict(recipe, where="run_dbllm")
     cfg = rec.passes[0].config
     from quantkit.calibration import calib_source
-    calib = calib_source(model)
+    calib = calib_source(model).for_config(cfg)  # the recipe's default_calib_text, as quantkit.compress
     import resource
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()

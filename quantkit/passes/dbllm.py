@@ -29,13 +29,12 @@ from torch import nn
 from quantkit.errors import QuantkitError, UsageError
 from quantkit.formats import dualbin
 from quantkit.nn.dualbin_linear import DualBinLinear
-from quantkit.passes.fdb_train import DAD_WEIGHTS, FDBTrainLinear, cosine_lr, distill_loss
+from quantkit.passes import dbllm_blocks
+from quantkit.passes.fdb_train import DAD_WEIGHTS, FDBTrainLinear, TrainingDiverged, cosine_lr, distill_loss
 from quantkit.passes.targets import replace_module, select_linears, validate_patterns
 from quantkit.progress import progress_bar
 
-
-class TrainingDiverged(QuantkitError):
-    """The distillation loss or its gradient became NaN/Inf."""
+CALIB_TEXTS = ("calib", "calib_large")  # shipped calibration texts (quantkit.models.text.default_text)
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,16 @@ class DbllmPassConfig:
     bf16: run teacher and student under CPU/CUDA bf16 autocast (params stay fp32).
     grad_clip: max global grad norm. seed: data order and sampling.
     log_every: steps between plain loss lines when stderr is not a terminal.
+    default_calib_text: shipped text to train on when the user gives none: "calib" (120 KB
+        excerpt) | "calib_large" (1 MB); ``--calib-text`` / ``calib=`` always win.
+    block_steps: AdamW steps per decoder block of block-wise reconstruction before the
+        distillation (passes/dbllm_blocks.py); 0 = none.
+    block_samples, block_seq_len: calibration windows (and their length) the blocks are
+        reconstructed on; block_batch: windows per step.
+    block_lr, block_lr_alpha: learning rates of latent weights / alphas in that stage.
+    feedback: choose the initial bits by error feedback over columns on the block's
+        calibration inputs (passes/dbllm_feedback.py) instead of nearest-level rounding; runs
+        in the block stage (with block_steps: 0 it only initialises).
     """
 
     targets: tuple[str, ...] = ("re:.*",)
@@ -81,19 +90,33 @@ class DbllmPassConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
+    default_calib_text: Literal["calib", "calib_large"] = "calib"
+    block_steps: int = 0
+    block_samples: int = 128
+    block_seq_len: int = 256
+    block_batch: int = 4
+    block_lr: float = 1e-4
+    block_lr_alpha: float = 1e-3
+    feedback: bool = False
 
     def __post_init__(self) -> None:
         if self.group not in dualbin.VALID_GROUPS:
             raise ValueError(f"'group' must be one of {', '.join(map(str, dualbin.VALID_GROUPS))}, got {self.group}")
-        for key in ("batch_size", "seq_len", "n_samples", "log_every"):
+        for key in ("batch_size", "seq_len", "n_samples", "log_every", "block_samples", "block_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        if self.seq_len < 2:
-            raise ValueError(f"'seq_len' must be >= 2, got {self.seq_len}")
-        for key in ("steps", "warmup"):
+        for key in ("seq_len", "block_seq_len"):
+            if getattr(self, key) < 2:
+                raise ValueError(f"'{key}' must be >= 2, got {getattr(self, key)}")
+        if self.block_batch > self.block_samples:
+            raise ValueError(f"'block_batch' ({self.block_batch}) must be <= 'block_samples' ({self.block_samples})")
+        if self.default_calib_text not in CALIB_TEXTS:
+            raise ValueError(f"'default_calib_text' must be one of {', '.join(CALIB_TEXTS)}, "
+                             f"got {self.default_calib_text!r}")
+        for key in ("steps", "warmup", "block_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"'{key}' must be >= 0, got {getattr(self, key)}")
-        for key in ("lr", "lr_alpha", "temperature", "grad_clip"):
+        for key in ("lr", "lr_alpha", "temperature", "grad_clip", "block_lr", "block_lr_alpha"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"'{key}' must be > 0, got {getattr(self, key)}")
         if self.dad_weight not in DAD_WEIGHTS:
@@ -245,8 +268,27 @@ def apply(model: nn.Module, cfg: DbllmPassConfig, progress: bool = True, scope: 
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    def make_fdb(linear: nn.Linear) -> FDBTrainLinear:
+        return FDBTrainLinear(linear, cfg.group, cfg.init, cfg.train_weights)
+
+    if cfg.block_steps > 0 or cfg.feedback:
+        if calib is None:
+            raise QuantkitError("the dbllm pass needs calibration data (quantkit.compress provides it)")
+        ids = calib.batches(cfg.block_samples, cfg.block_seq_len, seed=cfg.seed)
+        device = next(model.parameters()).device
+        _log(f"block-wise reconstruction: {cfg.block_steps} steps x {cfg.block_batch} x {cfg.block_seq_len} tokens "
+             f"per block ({ids.shape[0]} windows)", progress)
+        t0 = time.perf_counter()
+        blocks = dbllm_blocks.reconstruct(model, chosen, make_fdb, ids.to(device), cfg,
+                                          lambda: _autocast(cfg, device), progress,
+                                          log=lambda msg: _log(msg, progress))
+        _log(f"block-wise reconstruction done in {time.perf_counter() - t0:.0f}s; relative output MSE of the "
+             f"last block {blocks[-1]['mse_out']:.4f}", progress)
+        if history is not None:
+            history.extend({"stage": "block", **r} for r in blocks)
     for name, linear in progress_bar(chosen, desc="dbllm init", disable=not progress):
-        replace_module(model, name, FDBTrainLinear(linear, cfg.group, cfg.init, cfg.train_weights))
+        if not isinstance(model.get_submodule(name), FDBTrainLinear):
+            replace_module(model, name, make_fdb(linear))
     if cfg.steps > 0:
         device = next(model.parameters()).device
         data = _training_data(teacher, cfg, calib, device)

@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.formats import dualbin
+
+
+class TrainingDiverged(QuantkitError):
+    """The distillation (or block reconstruction) loss or its gradient became NaN/Inf."""
 
 
 def nearest_bits(w: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,8 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dbllm-w2g64.yaml"
 def _cfg(tmp_path, **overrides):
     data = yaml.safe_load(RECIPE.read_text())
     data["passes"][0].update(dict(batch_size=2, seq_len=16, n_samples=8, warmup=1, bf16=False, steps=0,
-                                  block_samples=8, block_seq_len=16, block_batch=2), **overrides)
+                                  block_samples=8, block_seq_len=16, block_batch=2, block_steps=0, feedback=False,
+                                  default_calib_text="calib"), **overrides)
     path = tmp_path / "dbllm.yaml"
     path.write_text(yaml.safe_dump(data))
     return quantkit.recipe.load_recipe(path).passes[0].config
@@ -113,7 +114,8 @@ def test_block_chain_reproduces_the_model_forward(tiny_llama_dir, arch):
 def test_block_reconstruction_lowers_each_blocks_error(tiny_llama_dir, tmp_path):
     model = quantkit.load_model(str(tiny_llama_dir))
     calib = calib_source(model)
-    cfg = _cfg(tmp_path, block_steps=30, block_lr=1e-3, block_lr_alpha=1e-2)
+    cfg = _cfg(tmp_path, block_steps=60, block_samples=32, block_seq_len=32, block_batch=4, block_lr=3e-4,
+               block_lr_alpha=3e-3)
     history = []
     names = dbllm.apply(model, cfg, progress=False, calib=calib, history=history)
     assert len(names) == 14 and all(isinstance(model.get_submodule(n), DualBinLinear) for n in names)

@@ -23,7 +23,9 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dbllm-w2g64.yaml"
 def _recipe(tmp_path, **overrides):
     """The shipped recipe with small-budget overrides, as a file (so the CLI can read it)."""
     data = yaml.safe_load(RECIPE.read_text())
-    data["passes"][0].update(dict(batch_size=2, seq_len=16, n_samples=8, warmup=1, bf16=False), **overrides)
+    # the distillation alone: the block stage and feedback init are tested in test_dbllm_blocks.py
+    data["passes"][0].update(dict(batch_size=2, seq_len=16, n_samples=8, warmup=1, bf16=False, block_steps=0,
+                                  feedback=False, default_calib_text="calib"), **overrides)
     path = tmp_path / "dbllm.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -9,6 +9,7 @@ from typing import Union
 from quantkit.errors import UsageError
 
 SPLITS = ("calib", "eval", "calib_large")
+CALIB_SPLITS = ("calib", "calib_large")  # the shipped texts a pass may calibrate on (never "eval")
 
 
 def default_text(split: str) -> str:

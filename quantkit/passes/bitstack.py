@@ -56,10 +56,10 @@ from quantkit.formats import bitstack
 from quantkit.nn.bitstack_linear import BitStackLinear
 from quantkit.passes.bitstack_ranking import ppl_order as _ppl_order
 from quantkit.passes.targets import replace_module, select_linears, validate_patterns
+from quantkit.models.text import CALIB_SPLITS as CALIB_TEXTS  # shipped calibration texts
 from quantkit.progress import progress_bar, stage
 
 SCALE_EPS = 1e-3  # added to every activation scale (reference: get_act_scale)
-CALIB_TEXTS = ("calib", "calib_large")  # shipped calibration texts (quantkit.models.text.default_text)
 
 
 @dataclass(frozen=True)

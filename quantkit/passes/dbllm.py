@@ -32,9 +32,9 @@ from quantkit.nn.dualbin_linear import DualBinLinear
 from quantkit.passes import dbllm_blocks
 from quantkit.passes.fdb_train import DAD_WEIGHTS, FDBTrainLinear, TrainingDiverged, cosine_lr, distill_loss
 from quantkit.passes.targets import replace_module, select_linears, validate_patterns
+from quantkit.models.text import CALIB_SPLITS as CALIB_TEXTS  # shipped calibration texts
 from quantkit.progress import progress_bar
 
-CALIB_TEXTS = ("calib", "calib_large")  # shipped calibration texts (quantkit.models.text.default_text)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import UsageError

@@ -50,9 +50,11 @@ examples:
 
 EPILOG_GENERATE = """\
 The runtime prefills the prompt in one forward, then runs one forward per token on a
-preallocated static KV cache; greedy output equals transformers' model.generate greedy on
-the same model. Architectures without static-cache support fall back to model.generate
-(one line on stderr says so). The stats line: prompt tokens and prompt (prefill) tok/s,
+preallocated KV cache; greedy output equals transformers' model.generate greedy on the same
+model. Llama, Qwen2, Mistral and Gemma3 run on quantkit's lean forward (the model's own
+norms and packed linears, none of transformers' per-call glue); other architectures run
+their own forward on a transformers StaticCache, and those without static-cache support
+fall back to model.generate (one line on stderr says so). The stats line: prompt tokens and prompt (prefill) tok/s,
 new tokens and decode tok/s (the one-token steps after the prefill).
 
 examples:
@@ -135,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (speed measurements)")
     g.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (slow to start)")
+    g.add_argument("--runtime", choices=["auto", "lean", "static"], default="auto",
+                   help="auto (default): quantkit's lean forward for Llama/Qwen2/Mistral/Gemma3, else the model's "
+                        "own forward on a static cache; lean: fail if the model has no lean forward; static: "
+                        "always the model's own forward")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="activation dtype for the run (default float32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -347,7 +353,7 @@ def cmd_generate(args) -> int:
 
     r = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed, threads=args.threads, stream=stream,
-                 ignore_eos=args.ignore_eos, compile=args.compile)
+                 ignore_eos=args.ignore_eos, compile=args.compile, runtime=args.runtime)
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.json:

@@ -69,25 +69,30 @@ def _hf_greedy(model, tok, prompt_ids, n):
     return out[0, len(prompt_ids):].tolist()
 
 
+RUNTIME_NAME = {"lean": "lean", "static": "static-cache"}
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIME_NAME))
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_equals_model_generate(get_model, tok, arch, fmt):
+def test_greedy_equals_model_generate(get_model, tok, arch, fmt, runtime):
     model = get_model(arch, fmt)
     ids = tok(PROMPT)["input_ids"]
-    r = generate(model, tok, PROMPT, max_new_tokens=24)
+    r = generate(model, tok, PROMPT, max_new_tokens=24, runtime=runtime)
     assert r.ids == _hf_greedy(model, tok, ids, 24)
     assert len(set(r.ids)) > 1, r.ids  # not a constant stream
-    assert r.prompt_tokens == len(ids) and r.new_tokens == len(r.ids) and r.runtime == "static-cache"
+    assert r.prompt_tokens == len(ids) and r.new_tokens == len(r.ids) and r.runtime == RUNTIME_NAME[runtime]
     assert r.text == tok.decode(r.ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("runtime", list(RUNTIME_NAME))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_kv_cache_across_prefill_and_decode(get_model, tok, arch):
+def test_kv_cache_across_prefill_and_decode(get_model, tok, arch, runtime):
     """A 150-token prompt (past Gemma3's sliding window of 8) and 40 decode steps: every new
     token is the argmax of a cache-free forward over everything before it."""
     model = get_model(arch, "none")
     ids = (tok(PROMPT * 20)["input_ids"])[:150]
-    r = generate(model, tok, prompt_ids=ids, max_new_tokens=40, ignore_eos=True)
+    r = generate(model, tok, prompt_ids=ids, max_new_tokens=40, ignore_eos=True, runtime=runtime)
     assert r.new_tokens == 40
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids + r.ids]), use_cache=False).logits[0]
@@ -181,12 +186,30 @@ def test_fallback_to_model_generate(get_model, tok, capsys):
     model = get_model("qwen2", "nf4")
     model._can_compile_fullgraph = False  # as an architecture without static-cache support
     try:
-        r = generate(model, tok, PROMPT, max_new_tokens=12)
+        r = generate(model, tok, PROMPT, max_new_tokens=12, runtime="static")
     finally:
         del model._can_compile_fullgraph
     assert r.runtime == "model.generate" and "does not support a static KV cache" in r.fallback_reason
     assert capsys.readouterr().err.count("falls back to model.generate") == 1
     assert r.ids == generate(model, tok, PROMPT, max_new_tokens=12).ids
+
+
+def test_architecture_without_a_lean_plan_runs_the_static_loop(get_model, tok):
+    """auto picks the static-cache loop for a model type the lean forward does not implement;
+    runtime="lean" says why it cannot run it."""
+    model = get_model("llama", "none")
+    old = model.config.model_type
+    model.config.model_type = "not_llama"
+    try:
+        r = generate(model, tok, PROMPT, max_new_tokens=8)
+        assert r.runtime == "static-cache"
+        with pytest.raises(UsageError, match="lean runtime cannot run.*'not_llama'"):
+            generate(model, tok, PROMPT, max_new_tokens=8, runtime="lean")
+    finally:
+        model.config.model_type = old
+    assert r.ids == generate(model, tok, PROMPT, max_new_tokens=8).ids
+    with pytest.raises(UsageError, match="runtime must be one of auto, lean, static"):
+        generate(model, tok, PROMPT, runtime="fast")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +230,7 @@ def test_cli_end_to_end(artifact, tok, capsys):
     assert cli.main(["generate", str(artifact), "-p", PROMPT, "-n", "4", "--json", "-q", "--temperature", "0.7",
                      "--seed", "5"]) == 0
     stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
-    assert stats["new_tokens"] == 4 and stats["decode_tokens_per_s"] > 0 and stats["runtime"] == "static-cache"
+    assert stats["new_tokens"] == 4 and stats["decode_tokens_per_s"] > 0 and stats["runtime"] == "lean"
 
 
 def test_cli_bad_input(artifact, tiny_llama_dir, tmp_path, capsys):

@@ -7,8 +7,9 @@ text, tokenized with the model's tokenizer) in one call, then decodes 128 greedy
 with EOS ignored; it prints prefill tok/s, decode tok/s and decode's ratio to llama.cpp's.
 Engines (one warm-up run each, then --repeats timed runs interleaved across engines, the
 fastest kept: the machine is shared, and a run that lost its cores says nothing about the code):
-  quantkit <fmt>            quantkit.runtime.generate on the artifact (static KV cache loop)
-  quantkit <fmt> compile    the same with --compile (torch.compile'd decode step), if --compile
+  quantkit <fmt> lean       quantkit.runtime.generate on the artifact, lean forward (--runtimes)
+  quantkit <fmt> static     the same on the model's own forward + StaticCache (--runtimes)
+  ... + torch.compile       the same with --compile (torch.compile'd decode step), if --compile
   model.generate <fmt>      transformers' generate on the same artifact, cache_implementation="static"
   transformers bf16         the uncompressed MODEL in bf16, model.generate (its default cache)
   llama.cpp <gguf>          llama-cpp-python in the --llama-python interpreter (a subprocess)
@@ -94,12 +95,13 @@ def row(engine: str, threads: int, prompt_tokens: int, prefill_s: float, new: in
             "decode_tps": (new - 1) / decode_s, "new": new}
 
 
-def time_quantkit(engine, model, tok, ids, n_new, threads, compile=False) -> dict:
+def time_quantkit(engine, model, tok, ids, n_new, threads, compile=False, runtime="auto") -> dict:
     # compiled: warm up on the timed shapes, or the timed run would include the compile
     warm = ids if compile else ids[:16]
     generate(model, tok, prompt_ids=warm, max_new_tokens=n_new if compile else 4, ignore_eos=True, threads=threads,
-             compile=compile)
-    r = generate(model, tok, prompt_ids=ids, max_new_tokens=n_new, ignore_eos=True, threads=threads, compile=compile)
+             compile=compile, runtime=runtime)
+    r = generate(model, tok, prompt_ids=ids, max_new_tokens=n_new, ignore_eos=True, threads=threads, compile=compile,
+                 runtime=runtime)
     return {**row(engine, threads, len(ids), r.prefill_seconds, r.new_tokens, r.decode_seconds), "ids": r.ids}
 
 
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per engine, interleaved; best kept")
     ap.add_argument("--compile", action="store_true", help="also time quantkit with the torch.compile'd step")
+    ap.add_argument("--runtimes", nargs="+", default=["lean", "static"], choices=["lean", "static"],
+                    help="quantkit engines to time (default both)")
     ap.add_argument("--no-hf-bf16", action="store_true", help="skip transformers bf16 on the uncompressed model")
     ap.add_argument("--llama-python", help="an interpreter with llama_cpp installed")
     ap.add_argument("--gguf", help="GGUF for llama.cpp (default: smollm2-135m's shipped Q4_1)")
@@ -162,9 +166,11 @@ def main(argv=None) -> int:
             for fmt, m in models.items():
                 name = Path(fmt).name
                 print(f"[{t} threads, run {rep + 1}/{args.repeats}] quantkit {name}", file=sys.stderr, flush=True)
-                keep(time_quantkit(f"quantkit {name}", m, tok, ids, args.new_tokens, t))
-                if args.compile:
-                    keep(time_quantkit(f"quantkit {name} + torch.compile", m, tok, ids, args.new_tokens, t, True))
+                for rt in args.runtimes:
+                    keep(time_quantkit(f"quantkit {name} {rt}", m, tok, ids, args.new_tokens, t, runtime=rt))
+                    if args.compile:
+                        keep(time_quantkit(f"quantkit {name} {rt} + torch.compile", m, tok, ids, args.new_tokens, t,
+                                           True, rt))
                 keep(time_hf(f"model.generate {name} (static cache)", m, tok, ids, args.new_tokens, t, "static"))
             if base is not None:
                 print(f"[{t} threads, run {rep + 1}] transformers bf16", file=sys.stderr, flush=True)

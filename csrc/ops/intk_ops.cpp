@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "cpu/intk_gemv.h"
 #include "cpu/intk_linear.h"
 #include "ops/common.h"
 
@@ -75,8 +76,9 @@ at::Tensor intk_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor y;
   if (m <= intk_gemm_threshold()) {
     y = at::empty({m, n}, x2.options());
-    cpu::intk_gemm_small(w, x2.data_ptr<float>(), m, bf.has_value() ? bf->data_ptr<float>() : nullptr,
-                         y.data_ptr<float>());
+    const float* bp = bf.has_value() ? bf->data_ptr<float>() : nullptr;
+    if (cpu::intk_gemv_supported(w)) cpu::intk_gemv_avx512(w, x2.data_ptr<float>(), m, bp, y.data_ptr<float>());
+    else cpu::intk_gemm_small(w, x2.data_ptr<float>(), m, bp, y.data_ptr<float>());
   } else {
     y = tiled_dequant_mm(x2, n, bf, [&](int64_t n0, int64_t n1, void* dst) {
       cpu::intk_dequantize_rows(w, n0, n1, static_cast<float*>(dst));

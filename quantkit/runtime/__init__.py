@@ -1,7 +1,9 @@
 """The CPU decode runtime: ``generate`` (prefill + static-cache decode loop, greedy or
 seeded sampling, streamed text) and its ``GenerateResult``.
 
-    generate.py     the loop and the checks (empty prompt, max_new_tokens, context)
+    generate.py     the loop and the checks (empty prompt, max_new_tokens, context); engines
+    decoder_plan.py which modules of a Llama/Qwen2/Mistral/Gemma3 decoder the lean forward calls
+    lean_forward.py the lean forward and its KV cache (none of transformers' per-call glue)
     result.py       GenerateResult: ids, text, counts, prefill/decode seconds and tok/s
     model_info.py   context length, EOS ids, device, static-cache support of a model
     sampling.py     next token from logits: argmax or temperature + top-p

@@ -48,9 +48,11 @@ def _close(y, ref):
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 17])
 def test_linear_matches_reference(n, k, bits, m):
+    """m 1..8 runs the small-m kernel (on AVX-512 the direct-decode one for bits 1/2/4/8: x rows
+    in groups of 4, so 5 and 8 cover a partial and a full second group), 17 the GEMM path."""
     q = _weight(n, k, bits)
     x = torch.randn(m, k)
     args = _wargs(q)
@@ -116,3 +118,36 @@ def test_gradients_to_input_and_bias():
     (x2 @ w.T + b2).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+_CHECK_GENERIC = """
+import torch, quantkit._ops as ops
+from quantkit.formats import intk
+bad = []
+for bits, grid, off in ((1, "sign", 0.5), (2, "seq", 1.5), (4, "lsq", 8.0), (8, "lsq", 128.0)):
+    for n, k in ((7, 70), (64, 128), (3, 601), (1, 1)):
+        g = torch.Generator().manual_seed(n + k + bits)
+        q = intk.from_codes(torch.randint(0, 2 ** bits, (n, k), generator=g), torch.rand(n, generator=g) + 0.01,
+                            bits, off, grid)
+        for m in (1, 4, 6):
+            x = torch.randn(m, k, generator=g)
+            a = (x, q.packed, q.scale, bits, off, n, k, None)
+            y, r = torch.ops.quantkit.intk_linear(*a), ops.intk_linear_reference(*a)
+            if not torch.allclose(y, r, rtol=1e-5, atol=1e-5 * (r.abs().max().item() + 1e-6)):
+                bad.append((bits, n, k, m))
+print(len(bad), bad[:3])
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_generic_small_m_kernel_matches_reference(isa):
+    """QUANTKIT_CPU_ISA below AVX-512 keeps bits 1/2/4/8 on the row-buffer kernel, which AVX-512
+    machines otherwise no longer run for those widths."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _CHECK_GENERIC], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, QUANTKIT_CPU_ISA=isa))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0] == "0", res.stdout

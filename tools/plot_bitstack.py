@@ -40,12 +40,13 @@ def main(argv=None) -> int:
         for r in rows:
             if r["label"] != "bitstack":
                 points[r["label"]] = r
-    markers = {"nf4": "s", "fp4": "^", "dbllm": "D"}
-    names = {"dbllm": "DB-LLM 2-bit (dual binary)"}
+    markers = {"nf4": "s", "fp4": "^", "dbllm": "D", "dbllm_round1": "d"}
+    names = {"dbllm": "DB-LLM 2-bit (mean of 2 seeds)", "dbllm_round1": "DB-LLM 2-bit before issue #16"}
     for label, r in points.items():
         name = names.get(label, label)
         ax.plot([r["memory_mb"]], [r["ppl"]], markers.get(label, "x"), markersize=9, label=name)
-        offset = (8, -12) if label == "nf4" else (8, 4)  # nf4 and fp4 share one memory: keep labels apart
+        # nf4 and fp4 share one memory, as do the two DB-LLM points: keep their labels apart
+        offset = (8, -12) if label in ("nf4", "dbllm") else (8, 4)
         ax.annotate(f"{name} {r['ppl']:.2f}", (r["memory_mb"], r["ppl"]), textcoords="offset points", xytext=offset)
     if args.fp32:
         ax.axhline(args.fp32, color="gray", linestyle="--", linewidth=1, label=f"fp32 {args.fp32:.2f}")

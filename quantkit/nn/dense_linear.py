@@ -81,6 +81,10 @@ class DenseLinear(nn.Module):
             return dense_linear_by_rows(x, self.weight, bias)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
+    def bound_forward(self):
+        """``forward`` as a callable (named explicitly: a table subclass's own forward is a lookup)."""
+        return lambda x: DenseLinear.forward(self, x)
+
     def _apply(self, fn, recurse=True):
         """Dtype casts apply to the bias only: the weight's dtype is the stored format."""
         return apply_keeping_dtypes(self, ("weight",), lambda: super(DenseLinear, self)._apply(fn, recurse))

@@ -107,6 +107,13 @@ class DualBinLinear(nn.Module):
         return torch.ops.quantkit.dualbin_linear(x, *(getattr(self, b) for b in _BUFFERS), self.state.group,
                                                  self.out_features, self.in_features, bias)
 
+    def bound_forward(self):
+        """``forward`` with the op and its arguments resolved once (see Lut4Linear.bound_forward)."""
+        bufs, g, n, k, b = tuple(getattr(self, name) for name in _BUFFERS), self.state.group, self.out_features, \
+            self.in_features, self.bias
+        op = torch.ops.quantkit.dualbin_linear.default
+        return lambda x: op(x, *bufs, g, n, k, b if b is None or b.dtype == x.dtype else b.to(x.dtype))
+
     def _apply(self, fn, recurse=True):
         """Device moves apply to every tensor; dtype casts (``.half()``, ``.to(bf16)``) only to
         the bias: the planes and fp16 scales are the format itself."""

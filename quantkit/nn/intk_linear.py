@@ -87,6 +87,12 @@ class IntKLinear(nn.Module):
         return torch.ops.quantkit.intk_linear(x, self.weight, self.weight_scale, s.bits, s.offset,
                                               self.out_features, self.in_features, bias)
 
+    def bound_forward(self):
+        """``forward`` with the op and its arguments resolved once (see Lut4Linear.bound_forward)."""
+        s, w, sc, n, k, b = self.state, self.weight, self.weight_scale, self.out_features, self.in_features, self.bias
+        op, bits, off = torch.ops.quantkit.intk_linear.default, s.bits, s.offset
+        return lambda x: op(x, w, sc, bits, off, n, k, b if b is None or b.dtype == x.dtype else b.to(x.dtype))
+
     def _apply(self, fn, recurse=True):
         """Dtype casts apply to the bias only; packed codes (uint8) and scales (fp32) are the format."""
         return apply_keeping_dtypes(self, ("weight", "weight_scale"),

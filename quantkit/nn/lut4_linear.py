@@ -126,6 +126,18 @@ class Lut4Linear(nn.Module):
                                               self.out_features, self.in_features, bias,
                                               a_code, a_scale, a_off, a_bs)
 
+    def bound_forward(self):
+        """``forward`` with the op overload and the packed arguments resolved once: a callable
+        x -> y for a decode loop that calls this layer thousands of times while its tensors
+        stay put (quantkit/runtime/lean_forward.py). Rebind after replacing a buffer."""
+        packed, absmax, code, a_code, a_scale, a_off, a_bs = self._op_weight_args()
+        op, bs, n, k, b = torch.ops.quantkit.lut4_linear.default, self.state.blocksize, self.out_features, \
+            self.in_features, self.bias
+        if b is None:
+            return lambda x: op(x, packed, absmax, code, bs, n, k, None, a_code, a_scale, a_off, a_bs)
+        return lambda x: op(x, packed, absmax, code, bs, n, k, b if b.dtype == x.dtype else b.to(x.dtype),
+                            a_code, a_scale, a_off, a_bs)
+
     def _apply(self, fn, recurse=True):
         """Device moves apply to every tensor; dtype casts (``model.to(torch.bfloat16)``,
         ``.half()``) only to the bias. The packed codes, scales and tables are the format

@@ -74,6 +74,14 @@ class _TableLookup:
         """x [..., embedding_dim] @ table.T -> [..., num_embeddings]: the tied output head."""
         return super().forward(x)  # the format's linear forward (next class in the MRO)
 
+    def bound_forward(self):
+        """The lookup itself (it runs once per step; nothing to bind)."""
+        return self
+
+    def bound_project(self):
+        """``project`` with its op arguments resolved once: the format linear's bound forward."""
+        return super().bound_forward()
+
     def spec(self) -> dict:
         spec = super().spec()
         spec.update(format=self.FORMAT, embed_scale=self.embed_scale, padding_idx=self.padding_idx)
@@ -152,6 +160,9 @@ class TiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding.project(x)
+
+    def bound_forward(self):
+        return self.embedding.bound_project()
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.embedding.dequantized_weight()

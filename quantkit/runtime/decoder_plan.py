@@ -7,9 +7,9 @@
     gemma3_text             sandwich blocks: h += norm(attn(norm(h))); h += norm(mlp(norm(h))),
                             per-head q/k norms, sliding-window layers with their own RoPE
 
-The plan holds the model's own module objects (norms, linears of any packed format, the
-activation), so numerics per op are the model's; only the glue (masks, cache bookkeeping,
-kwargs plumbing) is replaced.
+The plan holds the model's own module objects (norms, the activation) and its linears of any
+packed format bound to their ops (``bind``), so numerics per op are the model's; only the
+glue (masks, cache bookkeeping, kwargs plumbing, module-call machinery) is replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
 SANDWICH = ("gemma3_text",)
@@ -35,14 +36,14 @@ class LayerPlan:
     after attention and around the MLP."""
 
     input_norm: nn.Module
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
-    o: nn.Module
+    q: Callable
+    k: Callable
+    v: Callable
+    o: Callable
     post_attn_norm: nn.Module
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
+    gate: Callable
+    up: Callable
+    down: Callable
     act: Callable
     q_norm: Optional[nn.Module]
     k_norm: Optional[nn.Module]
@@ -62,7 +63,7 @@ class DecoderPlan:
     embed: nn.Module
     layers: Tuple[LayerPlan, ...]
     norm: nn.Module
-    head: nn.Module
+    head: Callable
     n_heads: int
     n_kv_heads: int
     head_dim: int
@@ -101,9 +102,9 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
         rope = layer_types[i] if sandwich and layer_types is not None else None
         try:
             layers.append(LayerPlan(
-                input_norm=layer.input_layernorm, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj, o=attn.o_proj,
-                post_attn_norm=layer.post_attention_layernorm, gate=mlp.gate_proj, up=mlp.up_proj,
-                down=mlp.down_proj, act=mlp.act_fn,
+                input_norm=layer.input_layernorm, q=bind(attn.q_proj), k=bind(attn.k_proj), v=bind(attn.v_proj),
+                o=bind(attn.o_proj), post_attn_norm=layer.post_attention_layernorm, gate=bind(mlp.gate_proj),
+                up=bind(mlp.up_proj), down=bind(mlp.down_proj), act=mlp.act_fn,
                 q_norm=attn.q_norm if sandwich else None, k_norm=attn.k_norm if sandwich else None,
                 pre_ff_norm=layer.pre_feedforward_layernorm if sandwich else None,
                 post_ff_norm=layer.post_feedforward_layernorm if sandwich else None,
@@ -111,8 +112,8 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
                 sandwich=sandwich))
         except AttributeError as e:
             return f"layer {i} does not have the expected modules ({e})"
-    head_dim = layers[0].q.out_features // cfg.num_attention_heads if layers else 0
-    head_dim = getattr(inner.layers[0].self_attn, "head_dim", head_dim) if layers else head_dim
+    head_dim = getattr(inner.layers[0].self_attn, "head_dim", None) if layers else None
+    head_dim = head_dim or cfg.hidden_size // cfg.num_attention_heads
 
     def rope_tables(n: int, dtype: torch.dtype) -> dict:
         # the model's own rotary module on positions 0..n-1: each entry is an elementwise
@@ -125,10 +126,22 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
             return {None: rotary(probe, pos)}
         return {k: rotary(probe, pos, k) for k in keys}
 
-    return DecoderPlan(embed=inner.embed_tokens, layers=tuple(layers), norm=inner.norm, head=head,
+    return DecoderPlan(embed=inner.embed_tokens, layers=tuple(layers), norm=inner.norm, head=bind(head),
                        n_heads=int(cfg.num_attention_heads), n_kv_heads=int(cfg.num_key_value_heads),
                        head_dim=int(head_dim), softcap=getattr(cfg, "final_logit_softcapping", None),
                        rope_tables=rope_tables)
+
+
+def bind(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> module(x) without nn.Module's call machinery and, for quantkit's packed layers, with
+    the op and its packed arguments resolved once (``bound_forward``). A plan is built per
+    generate call, so a binding never outlives the tensors it captured."""
+    if hasattr(module, "bound_forward"):
+        return module.bound_forward()
+    if type(module) is nn.Linear:
+        w, b = module.weight, module.bias
+        return lambda x: F.linear(x, w, b)
+    return module
 
 
 def _device(model: nn.Module) -> torch.device:

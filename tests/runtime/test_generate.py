@@ -15,7 +15,11 @@ from quantkit.runtime.text_stream import TextStream
 
 W4 = {"version": 1, "name": "w4", "passes": [{"pass": "qat", "bits": 4, "quantizer": "lsq", "targets": ["re:.*"],
                                               "ignore": ["lm_head"]}]}
-FORMATS = {"none": None, "nf4": "recipes/nf4.yaml", "w4": W4}
+DUALBIN = {"version": 1, "name": "w2", "passes": [{"pass": "dbllm", "steps": 0, "block_steps": 0, "feedback": False,
+                                                  "targets": ["re:.*"], "ignore": ["lm_head"]}]}
+BITSTACK = {"version": 1, "name": "bs", "passes": [{"pass": "bitstack", "n_blocks": 3, "rank": 4, "calib_samples": 2,
+                                                    "calib_seq_len": 32, "val_seq_len": 32, "order": "proxy"}]}
+FORMATS = {"none": None, "nf4": "recipes/nf4.yaml", "w4": W4, "dualbin": DUALBIN, "bitstack": BITSTACK}
 ARCHS = ["llama", "qwen2", "gemma3"]
 CONTEXT = 256
 PROMPT = "The Python standard library is very extensive, offering a wide range of facilities"
@@ -56,7 +60,7 @@ def get_model(tok):
             base = _MODELS.get((arch, "none")) or _build(arch, len(tok), tok.eos_token_id)
             _MODELS[(arch, "none")] = base
             if fmt != "none":
-                _MODELS[(arch, fmt)] = quantkit.compress(base, FORMATS[fmt], progress=False).eval()
+                _MODELS[(arch, fmt)] = quantkit.compress(base, FORMATS[fmt], progress=False, tokenizer=tok).eval()
         return _MODELS[(arch, fmt)]
     return get
 

@@ -491,6 +491,7 @@ torch.library.register_autograd("quantkit::dualbin_linear", _dualbin_linear_back
 # module, before the native kernels register against them.
 # ----------------------------------------------------------------------------------------
 from quantkit import _ops_embedding  # noqa: E402,F401
+from quantkit import _ops_fused  # noqa: E402,F401  (lut4_linear_multi: fused q/k/v and gate/up)
 
 
 # ----------------------------------------------------------------------------------------

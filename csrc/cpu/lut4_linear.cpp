@@ -441,6 +441,54 @@ RowsFn avx2_fn(int64_t mg) {
   }
 }
 
+// Weight rows [n0, n1) of one fused-path product: y[i * ldy + col0 + n] for x rows i < m.
+// The per-row arithmetic depends only on (w, x, m), never on which rows a call covers, so
+// any split of the rows (threads, or several weights sharing one parallel region in
+// lut4_gemm_small_multi) gives bit-identical outputs.
+void gemm_fast_rows(const Lut4Weight& w,  // packed weight [N, K], K % 32 == 0, blocksize % 32 == 0
+                    const float* xa,      // fp32 [m, K] arranged x (prepare_x with this ISA's G)
+                    int64_t m,            // rows of x
+                    const void* bias,     // [N] of type bt, or nullptr
+                    DType bt,             // bias dtype
+                    void* y,              // output of type yt, row stride ldy
+                    DType yt,             // output dtype
+                    Isa use,              // Avx512 or Avx2
+                    int64_t ldy,          // elements per output row
+                    int64_t col0,         // column of y that weight row 0 writes
+                    int64_t n0,           // first weight row
+                    int64_t n1) {         // end weight row
+  const int64_t k = w.cols;
+  const int64_t max_group = (use == Isa::Avx512) ? 8 : 4;
+  const int64_t lanes = (use == Isa::Avx512) ? 16 : 8;
+  const int64_t group = std::min<int64_t>(m, max_group);
+  const int64_t kt_max = group == 1 ? kMaxTileK
+                                    : std::max<int64_t>(32, (32 * 1024 / (4 * group)) / 32 * 32);
+  const int64_t n_kt = (k + kt_max - 1) / kt_max;
+  const int64_t kt = ((k + n_kt - 1) / n_kt + 31) / 32 * 32;
+  const int64_t tile = std::max<int64_t>(8, 16384 / (m * lanes));
+  std::vector<float> pv(static_cast<size_t>(std::min(tile, n1 - n0) * m * lanes));
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t k0 = 0; k0 < k; k0 += kt) {
+      const int64_t k1 = std::min(k, k0 + kt);
+      for (int64_t i0 = 0; i0 < m; i0 += max_group) {
+        const int64_t mg = std::min<int64_t>(max_group, m - i0);
+        RowsFn fn = (use == Isa::Avx512) ? avx512_fn(mg) : avx2_fn(mg);
+        fn(w, t0, t1, k0, k1, xa + i0 * k, k, pv.data() + i0 * lanes, m * lanes, k0 == 0);
+      }
+    }
+    for (int64_t n = t0; n < t1; ++n) {
+      const float bv = bias ? load_as_float(bias, bt, n) : 0.f;
+      for (int64_t i = 0; i < m; ++i) {
+        const float* p = pv.data() + ((n - t0) * m + i) * lanes;
+        float s = 0.f;
+        for (int64_t l = 0; l < lanes; ++l) s += p[l];
+        store_from_float(y, yt, i * ldy + col0 + n, s + bv);
+      }
+    }
+  }
+}
+
 void gemm_fast(const Lut4Weight& w,  // packed weight [N, K], K % 32 == 0, blocksize % 32 == 0
                const float* xa,      // fp32 [m, K] arranged x (prepare_x with this ISA's G)
                int64_t m,            // rows of x
@@ -449,49 +497,13 @@ void gemm_fast(const Lut4Weight& w,  // packed weight [N, K], K % 32 == 0, block
                void* y,              // [m, N] output of type yt
                DType yt,             // output dtype
                Isa use) {            // Avx512 or Avx2
-  const int64_t n_out = w.rows, k = w.cols;
-  const int64_t max_group = (use == Isa::Avx512) ? 8 : 4;
-  const int64_t lanes = (use == Isa::Avx512) ? 16 : 8;
-  const int64_t group = std::min<int64_t>(m, max_group);
-  // K tile: the group's x rows (group * kt * 4 bytes) get ~32 KB of the 48 KB L1. A single
-  // x row is not tiled up to 12288 (48 KB): measured faster for K = 11008 at m = 1 (1.27 vs
-  // 1.43 ms) since one row's L2 reads (2 vectors per 32 weights) keep up, and tiling would
-  // add a second pass of per-row overhead.
-  const int64_t kt_max = group == 1 ? kMaxTileK
-                                    : std::max<int64_t>(32, (32 * 1024 / (4 * group)) / 32 * 32);
-  const int64_t n_kt = (k + kt_max - 1) / kt_max;
-  const int64_t kt = ((k + n_kt - 1) / n_kt + 31) / 32 * 32;
-  // Row tile: vector partials (tile * m * lanes floats) of ~64 KB, at least 8 rows.
-  const int64_t tile = std::max<int64_t>(8, 16384 / (m * lanes));
-  at::parallel_for(0, n_out, row_grain(k, m), [&](int64_t n0, int64_t n1) {
-    std::vector<float> pv(static_cast<size_t>(std::min(tile, n1 - n0) * m * lanes));
-    for (int64_t t0 = n0; t0 < n1; t0 += tile) {
-      const int64_t t1 = std::min(n1, t0 + tile);
-      for (int64_t k0 = 0; k0 < k; k0 += kt) {
-        const int64_t k1 = std::min(k, k0 + kt);
-        for (int64_t i0 = 0; i0 < m; i0 += max_group) {
-          const int64_t mg = std::min<int64_t>(max_group, m - i0);
-          RowsFn fn = (use == Isa::Avx512) ? avx512_fn(mg) : avx2_fn(mg);
-          fn(w, t0, t1, k0, k1, xa + i0 * k, k, pv.data() + i0 * lanes, m * lanes, k0 == 0);
-        }
-      }
-      // One horizontal reduction per output, plus bias, rounded to the output dtype.
-      for (int64_t n = t0; n < t1; ++n) {
-        const float bv = bias ? load_as_float(bias, bt, n) : 0.f;
-        for (int64_t i = 0; i < m; ++i) {
-          const float* p = pv.data() + ((n - t0) * m + i) * lanes;
-          float s = 0.f;
-          for (int64_t l = 0; l < lanes; ++l) s += p[l];
-          store_from_float(y, yt, i * n_out + n, s + bv);
-        }
-      }
-    }
+  at::parallel_for(0, w.rows, row_grain(w.cols, m), [&](int64_t n0, int64_t n1) {
+    gemm_fast_rows(w, xa, m, bias, bt, y, yt, use, w.rows, 0, n0, n1);
   });
 }
+#endif
 
-// Dequantize, 32 (AVX-512) or 16 (AVX2) elements per step, interleaved back to row-major.
-// Blocks [b0, b1) clipped to flat elements [lo, hi); out holds flat element `base` at [0].
-// Unaligned heads/tails (a row range starting mid-chunk) go through the scalar decoder.
+#if QK_X86
 __attribute__((target("avx512f"))) void dequant_blocks_avx512(
     const Lut4Weight& w,  // packed weight, blocksize % 32 == 0
     int64_t b0,           // first block
@@ -729,6 +741,39 @@ void lut4_gemm_small(const Lut4Weight& w_in, const void* x, DType xt, int64_t m,
   if (fast) return gemm_fast(w, xa.data(), m, bias, bt, y, xt, use);
 #endif
   gemm_generic(w, xa.data(), m, bias, bt, y, xt, use);
+}
+
+bool lut4_gemm_small_multi(const Lut4Weight* ws_in, int64_t nw, const void* x, DType xt, int64_t m,
+                           const void* const* biases, const DType* bts, void* y) {
+  const Isa use = isa();
+  if (use == Isa::Scalar || nw <= 0 || m == 0) return false;
+  std::vector<Lut4Weight> ws(static_cast<size_t>(nw));
+  std::vector<int64_t> col0(static_cast<size_t>(nw) + 1, 0);
+  const int64_t k = ws_in[0].cols;
+  for (int64_t j = 0; j < nw; ++j) {
+    ws[j] = with_derived(ws_in[j]);
+    if (ws[j].cols != k || k % 32 != 0 || ws[j].blocksize % 32 != 0) return false;
+    col0[j + 1] = col0[j] + ws[j].rows;
+  }
+#if QK_X86
+  const int64_t total = col0[nw];
+  std::vector<float> xa(static_cast<size_t>(m * k));
+  prepare_x(x, xt, m, k, use == Isa::Avx512 ? 16 : 8, xa.data());
+  // one parallel region over the rows of all weights: each thread's range is cut at the
+  // weights' boundaries
+  at::parallel_for(0, total, row_grain(k, m), [&](int64_t a, int64_t e) {
+    for (int64_t j = 0; j < nw; ++j) {
+      const int64_t lo = std::max(a, col0[j]), hi = std::min(e, col0[j + 1]);
+      if (lo < hi)
+        gemm_fast_rows(ws[j], xa.data(), m, biases[j], bts[j], y, xt, use, total, col0[j], lo - col0[j],
+                       hi - col0[j]);
+    }
+  });
+  return true;
+#else
+  (void)x, (void)xt, (void)biases, (void)bts, (void)y;
+  return false;
+#endif
 }
 
 }  // namespace cpu

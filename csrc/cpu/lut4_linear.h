@@ -64,6 +64,20 @@ void lut4_gemm_small(const Lut4Weight& w,  // packed weight [N, K]
 
 // Which vector ISA the kernels picked at runtime ("avx512", "avx2" or "scalar").
 // QUANTKIT_CPU_ISA=avx2|scalar forces a lower one (used by the tests).
+// y [m, sum_j N_j] = [x @ W_0.T + b_0 | x @ W_1.T + b_1 | ...] for nw weights sharing K (a
+// fused q/k/v or gate/up projection at small m), in one parallel region and with x
+// prepared once; every output is bit-identical to lut4_gemm_small on that weight alone.
+// Returns false, writing nothing, where the fused fast path does not apply (scalar ISA,
+// K % 32 != 0, blocksize % 32 != 0, K differing between weights): call them one by one.
+bool lut4_gemm_small_multi(const Lut4Weight* ws,        // nw packed weights [N_j, K]
+                           int64_t nw,                   // number of weights
+                           const void* x,                // [m, K] contiguous, type xt
+                           DType xt,                     // dtype of x and y
+                           int64_t m,                    // rows of x
+                           const void* const* biases,    // nw pointers ([N_j] of type bts[j], or nullptr)
+                           const DType* bts,             // nw bias dtypes
+                           void* y);                     // [m, sum N_j] contiguous, type xt
+
 const char* lut4_cpu_isa();
 
 }  // namespace cpu

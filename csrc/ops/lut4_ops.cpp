@@ -163,6 +163,57 @@ at::Tensor lut4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 
 // Rows ids of the table [rows, cols], each decoded on its own (lut4_dequantize_rows handles
 // a row that starts inside a block or on an odd nibble), bit-identical to lut4_dequantize.
+// The projections of one input in one call (q/k/v, gate/up): y = cat_j(lut4_linear(x, W_j, b_j), -1).
+// Small m runs lut4_gemm_small_multi (one parallel region, x prepared once; outputs equal the
+// single-weight kernel's bit for bit); large m, or shapes its fast path does not take, run
+// lut4_linear_cpu per weight and concatenate.
+at::Tensor lut4_linear_multi_cpu(const at::Tensor& x, at::TensorList packed, at::TensorList absmax,
+                                 at::TensorList code, at::IntArrayRef blocksize, at::IntArrayRef out_features,
+                                 int64_t in_features, const c10::List<std::optional<at::Tensor>>& bias,
+                                 const c10::List<std::optional<at::Tensor>>& absmax_code,
+                                 const c10::List<std::optional<at::Tensor>>& absmax_scale,
+                                 at::ArrayRef<double> absmax_offset, at::IntArrayRef absmax_blocksize) {
+  constexpr const char* op = "lut4_linear_multi";
+  const int64_t nw = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(nw >= 1, op, ": needs at least one weight");
+  TORCH_CHECK(static_cast<int64_t>(absmax.size()) == nw && static_cast<int64_t>(code.size()) == nw &&
+                  static_cast<int64_t>(blocksize.size()) == nw && static_cast<int64_t>(out_features.size()) == nw &&
+                  static_cast<int64_t>(bias.size()) == nw && static_cast<int64_t>(absmax_code.size()) == nw &&
+                  static_cast<int64_t>(absmax_scale.size()) == nw && static_cast<int64_t>(absmax_offset.size()) == nw &&
+                  static_cast<int64_t>(absmax_blocksize.size()) == nw,
+              op, ": every per-weight list must have ", nw, " entries (one per packed weight)");
+  const int64_t k = in_features;
+  int64_t total = 0;
+  for (int64_t j = 0; j < nw; ++j) total += out_features[j];
+  check_x(x, total, k, op);
+  const DType xt = to_dtype(x, op, "x");
+  const int64_t m = rows_of(x, k);
+  std::vector<cpu::Lut4Weight> ws;
+  std::vector<const void*> bptr;
+  std::vector<DType> bts;
+  std::vector<at::Tensor> keep(static_cast<size_t>(nw));
+  for (int64_t j = 0; j < nw; ++j) {
+    const std::optional<at::Tensor> b = bias.get(j);
+    ws.push_back(make_lut4(packed[j], absmax[j], code[j], blocksize[j], out_features[j], k, absmax_code.get(j),
+                           absmax_scale.get(j), absmax_offset[j], absmax_blocksize[j], op));
+    check_bias(b, out_features[j], m, k, op);
+    bts.push_back(bias_dtype(b, op));
+    bptr.push_back(bias_data(b, keep[j]));
+  }
+  const std::vector<int64_t> out_shape = out_shape_of(x, total);
+  if (m > 0 && total > 0 && k > 0 && m <= gemm_threshold(k, xt)) {
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty(out_shape, x.options());
+    if (cpu::lut4_gemm_small_multi(ws.data(), nw, xc.data_ptr(), xt, m, bptr.data(), bts.data(), y.data_ptr()))
+      return y;
+  }
+  std::vector<at::Tensor> parts;
+  for (int64_t j = 0; j < nw; ++j)
+    parts.push_back(lut4_linear_cpu(x, packed[j], absmax[j], code[j], blocksize[j], out_features[j], k, bias.get(j),
+                                    absmax_code.get(j), absmax_scale.get(j), absmax_offset[j], absmax_blocksize[j]));
+  return at::cat(parts, -1);
+}
+
 at::Tensor lut4_embedding_cpu(const at::Tensor& ids, const at::Tensor& packed, const at::Tensor& absmax,
                               const at::Tensor& code, int64_t blocksize, int64_t rows, int64_t cols,
                               const std::optional<at::Tensor>& absmax_code,
@@ -181,5 +232,6 @@ at::Tensor lut4_embedding_cpu(const at::Tensor& ids, const at::Tensor& packed, c
 TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
   m.impl("lut4_dequantize", &quantkit::ops::lut4_dequantize_cpu);
   m.impl("lut4_linear", &quantkit::ops::lut4_linear_cpu);
+  m.impl("lut4_linear_multi", &quantkit::ops::lut4_linear_multi_cpu);
   m.impl("lut4_embedding", &quantkit::ops::lut4_embedding_cpu);
 }

@@ -138,6 +138,31 @@ class Lut4Linear(nn.Module):
         return lambda x: op(x, packed, absmax, code, bs, n, k, b if b.dtype == x.dtype else b.to(x.dtype),
                             a_code, a_scale, a_off, a_bs)
 
+    @staticmethod
+    def bound_group(mods):
+        """One callable x -> tuple of each module's output for modules taking the same input
+        (q/k/v, gate/up): a single ``lut4_linear_multi`` call whose column blocks equal each
+        module's forward. None when the group does not qualify (not all Lut4Linear, in_features
+        differ, no native kernel, or tensors off the CPU)."""
+        from quantkit import _ops
+
+        if len(mods) < 2 or not all(type(m) is Lut4Linear for m in mods) or \
+                len({m.in_features for m in mods}) != 1 or not _ops.has_native_cpu_kernel("lut4_linear_multi") or \
+                any(m.weight.device.type != "cpu" for m in mods):
+            return None
+        args = [m._op_weight_args() for m in mods]
+        packed, absmax, code, a_code, a_scale, a_off, a_bs = (list(v) for v in zip(*args))
+        bs = [m.state.blocksize for m in mods]
+        sizes = [m.out_features for m in mods]
+        biases = [m.bias for m in mods]
+        k, op = mods[0].in_features, torch.ops.quantkit.lut4_linear_multi.default
+
+        def run(x):
+            b = biases if all(v is None or v.dtype == x.dtype for v in biases) else \
+                [v if v is None or v.dtype == x.dtype else v.to(x.dtype) for v in biases]
+            return op(x, packed, absmax, code, bs, sizes, k, b, a_code, a_scale, a_off, a_bs).split(sizes, -1)
+        return run
+
     def _apply(self, fn, recurse=True):
         """Device moves apply to every tensor; dtype casts (``model.to(torch.bfloat16)``,
         ``.half()``) only to the bias. The packed codes, scales and tables are the format

@@ -36,13 +36,10 @@ class LayerPlan:
     after attention and around the MLP."""
 
     input_norm: nn.Module
-    q: Callable
-    k: Callable
-    v: Callable
+    qkv: Callable  # x -> (q, k, v) projections
     o: Callable
     post_attn_norm: nn.Module
-    gate: Callable
-    up: Callable
+    gate_up: Callable  # x -> (gate, up) projections
     down: Callable
     act: Callable
     q_norm: Optional[nn.Module]
@@ -102,9 +99,9 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
         rope = layer_types[i] if sandwich and layer_types is not None else None
         try:
             layers.append(LayerPlan(
-                input_norm=layer.input_layernorm, q=bind(attn.q_proj), k=bind(attn.k_proj), v=bind(attn.v_proj),
-                o=bind(attn.o_proj), post_attn_norm=layer.post_attention_layernorm, gate=bind(mlp.gate_proj),
-                up=bind(mlp.up_proj), down=bind(mlp.down_proj), act=mlp.act_fn,
+                input_norm=layer.input_layernorm, qkv=bind_group(attn.q_proj, attn.k_proj, attn.v_proj),
+                o=bind(attn.o_proj), post_attn_norm=layer.post_attention_layernorm,
+                gate_up=bind_group(mlp.gate_proj, mlp.up_proj), down=bind(mlp.down_proj), act=mlp.act_fn,
                 q_norm=attn.q_norm if sandwich else None, k_norm=attn.k_norm if sandwich else None,
                 pre_ff_norm=layer.pre_feedforward_layernorm if sandwich else None,
                 post_ff_norm=layer.post_feedforward_layernorm if sandwich else None,
@@ -142,6 +139,21 @@ def bind(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         w, b = module.weight, module.bias
         return lambda x: F.linear(x, w, b)
     return module
+
+
+def bind_group(*modules: nn.Module) -> Callable[[torch.Tensor], tuple]:
+    """x -> (m(x) for m in modules) for projections of the same input: one fused op call
+    where the format has one (``bound_group``: nf4/fp4 via lut4_linear_multi), else each
+    module's bound forward in turn."""
+    for m in modules:
+        group = getattr(type(m), "bound_group", None)
+        if group is not None:
+            fused = group(list(modules))
+            if fused is not None:
+                return fused
+            break
+    fns = [bind(m) for m in modules]
+    return lambda x: tuple(f(x) for f in fns)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -59,9 +59,10 @@ def _sliding_mask(n: int, pos0: int, lo: int, window: int, device) -> torch.Tens
 def _attention(lp: LayerPlan, plan: DecoderPlan, cache: KVCache, i: int, x: torch.Tensor, pos0: int) -> torch.Tensor:
     n = x.shape[1]
     d = plan.head_dim
-    q = lp.q(x).view(1, n, plan.n_heads, d).transpose(1, 2)
-    k = lp.k(x).view(1, n, plan.n_kv_heads, d).transpose(1, 2)
-    v = lp.v(x).view(1, n, plan.n_kv_heads, d).transpose(1, 2)
+    q, k, v = lp.qkv(x)
+    q = q.view(1, n, plan.n_heads, d).transpose(1, 2)
+    k = k.view(1, n, plan.n_kv_heads, d).transpose(1, 2)
+    v = v.view(1, n, plan.n_kv_heads, d).transpose(1, 2)
     if lp.q_norm is not None:
         q = lp.q_norm(q)
         k = lp.k_norm(k)
@@ -92,11 +93,11 @@ def _block(lp: LayerPlan, plan: DecoderPlan, cache: KVCache, i: int, h: torch.Te
     a = _attention(lp, plan, cache, i, lp.input_norm(h), pos0)
     if lp.sandwich:
         h = h + lp.post_attn_norm(a)
-        m = lp.down(lp.act(lp.gate(x := lp.pre_ff_norm(h))) * lp.up(x))
-        return h + lp.post_ff_norm(m)
+        gate, up = lp.gate_up(lp.pre_ff_norm(h))
+        return h + lp.post_ff_norm(lp.down(lp.act(gate) * up))
     h = h + a
-    x = lp.post_attn_norm(h)
-    return h + lp.down(lp.act(lp.gate(x)) * lp.up(x))
+    gate, up = lp.gate_up(lp.post_attn_norm(h))
+    return h + lp.down(lp.act(gate) * up)
 
 
 def lean_forward(plan: DecoderPlan, cache: KVCache, ids: torch.Tensor, pos0: int) -> torch.Tensor:

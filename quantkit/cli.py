@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "probability (default 1.0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence (speed measurements)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (slow to start)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step of the model's own forward (--runtime static; "
+                        "slow to start)")
     g.add_argument("--runtime", choices=["auto", "lean", "static"], default="auto",
                    help="auto (default): quantkit's lean forward for Llama/Qwen2/Mistral/Gemma3, else the model's "
                         "own forward on a static cache; lean: fail if the model has no lean forward; static: "

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 print(f"[{t} threads, run {rep + 1}/{args.repeats}] quantkit {name}", file=sys.stderr, flush=True)
                 for rt in args.runtimes:
                     keep(time_quantkit(f"quantkit {name} {rt}", m, tok, ids, args.new_tokens, t, runtime=rt))
-                    if args.compile:
+                    if args.compile and rt == "static":  # compile runs the static engine only
                         keep(time_quantkit(f"quantkit {name} {rt} + torch.compile", m, tok, ids, args.new_tokens, t,
                                            True, rt))
                 keep(time_hf(f"model.generate {name} (static cache)", m, tok, ids, args.new_tokens, t, "static"))

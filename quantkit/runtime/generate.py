@@ -37,7 +37,8 @@ def generate(model: nn.Module, tokenizer, prompt: Optional[str] = None, max_new_
     ``torch.Generator`` seeded with ``seed``. threads: torch CPU threads for the call (restored
     after). stream: called with each new piece of text as it is decoded. ignore_eos: run all
     ``max_new_tokens`` steps (speed measurements). compile: ``torch.compile`` the one-token
-    step (see docs/benchmarks.md, "Decode runtime", for whether it pays).
+    step of the model's own forward on a static cache (implies runtime "static"; see
+    docs/benchmarks.md, "Decode runtime", for whether it pays).
     runtime: "auto" (the lean forward of quantkit/runtime/lean_forward.py on architectures it
     implements, else the model's own forward on a transformers StaticCache), "lean" (an error
     naming the reason when the model has no lean plan) or "static" (always the model's forward).
@@ -57,16 +58,20 @@ def generate(model: nn.Module, tokenizer, prompt: Optional[str] = None, max_new_
         raise UsageError(f"threads must be at least 1, got {threads}")
     if runtime not in RUNTIMES:
         raise UsageError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if compile and runtime == "lean":
+        raise UsageError("compile runs the model's own forward on a static cache (runtime 'static'): the lean "
+                         "forward slices its cache to each step's length, so a compiled step would recompile "
+                         "every token")
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        plan = plan_decoder(model) if runtime != "static" else "runtime 'static' was asked for"
+        plan = "runtime 'static' was asked for" if runtime == "static" or compile else plan_decoder(model)
         if runtime == "lean" and isinstance(plan, str):
             raise UsageError(f"the lean runtime cannot run {type(model).__name__}: {plan}")
         loop_args = (model, tokenizer, ids, max_new_tokens, temperature, top_p, seed, stream, ignore_eos, compile)
         if not isinstance(plan, str):
-            return _run_loop(*loop_args, lambda: _lean_engine(model, plan, len(ids), max_new_tokens, compile))
+            return _run_loop(*loop_args, lambda: _lean_engine(model, plan, len(ids), max_new_tokens))
         reason = static_cache_unsupported(model)
         if reason is None:
             return _run_loop(*loop_args, lambda: _static_engine(model, len(ids), max_new_tokens, compile))
@@ -137,19 +142,18 @@ def _static_engine(model, n_prompt: int, max_new_tokens: int, compile: bool):
     return prefill, step, "static-cache"
 
 
-def _lean_engine(model, plan: DecoderPlan, n_prompt: int, max_new_tokens: int, compile: bool):
+def _lean_engine(model, plan: DecoderPlan, n_prompt: int, max_new_tokens: int):
     """(prefill, step) on the lean forward (quantkit/runtime/lean_forward.py) and its KVCache."""
     device = model_device(model)
-    step_fn = torch.compile(lean_forward, dynamic=False) if compile else lean_forward
     state = {}
 
     def prefill(x):
         dtype = plan.embed(x[:, :1]).dtype  # the hidden dtype: cache and RoPE tables use it
-        state["cache"] = KVCache.for_plan(plan, _cache_len(model, n_prompt + max_new_tokens, compile), dtype, device)
+        state["cache"] = KVCache.for_plan(plan, n_prompt + max_new_tokens, dtype, device)
         return lean_forward(plan, state["cache"], x, 0)
 
     def step(tok, p):
-        return step_fn(plan, state["cache"], tok.view(1, 1), p)
+        return lean_forward(plan, state["cache"], tok.view(1, 1), p)
 
     return prefill, step, "lean"
 

@@ -214,6 +214,8 @@ def test_architecture_without_a_lean_plan_runs_the_static_loop(get_model, tok):
     assert r.ids == generate(model, tok, PROMPT, max_new_tokens=8).ids
     with pytest.raises(UsageError, match="runtime must be one of auto, lean, static"):
         generate(model, tok, PROMPT, runtime="fast")
+    with pytest.raises(UsageError, match="compile runs the model's own forward"):
+        generate(model, tok, PROMPT, runtime="lean", compile=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ For each weight N x K, bit width and batch m it times (median of many calls afte
   ours       torch.ops.quantkit.intk_linear with the native CPU kernel (fp32 x)
   reference  the pure-torch reference of the same op (what runs without quantkit._C)
   torch fp32 F.linear on the dense fp32 weight
+  torch bf16 F.linear on the dense bf16 weight (bf16 x): the bytes/s roof we compare against
+  nf4        our lut4_linear on the same shape (nf4, block 64, double quant; fp32 x)
 and prints a markdown table with the ratios measured in the same run, plus the 1-minute load
 average before and after (the machine is shared; compare rows of one run only).
 
@@ -45,11 +47,18 @@ def main(argv=None) -> int:
         return 1
     load0 = os.getloadavg()[0]
     lines = [f"int-k linear, {cpu_model()}, {args.threads} threads, torch {torch.__version__}",
-             "", "| N x K | bits | m | ours ms | reference ms | torch fp32 ms | ours vs reference | ours vs fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| N x K | bits | m | ours ms | reference ms | torch fp32 ms | torch bf16 ms | nf4 ms | ours vs reference "
+             "| ours vs fp32 | ours vs nf4 | ours GB/s | bf16 GB/s | ours % of bf16 GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         w = torch.randn(n, k)
+        wb = w.to(torch.bfloat16)
+        from quantkit.formats import lut4
+
+        nq = lut4.quantize(w, "nf4", 64, True)
+        nargs = (nq.packed, nq.absmax, nq.quant_map, 64, n, k, None, nq.nested_quant_map, nq.nested_absmax,
+                 nq.state.nested_offset, 256)
         for bits in (int(b) for b in args.bits.split(",")):
             g = torch.Generator().manual_seed(bits)
             grid, offset = ("sign", 0.5) if bits == 1 else ("lsq", float(2 ** (bits - 1)))
@@ -61,8 +70,14 @@ def main(argv=None) -> int:
                 t_ours = bench(lambda: torch.ops.quantkit.intk_linear(x, *wargs), budget_s=args.budget)
                 t_ref = bench(lambda: ops.intk_linear_reference(x, *wargs), min_reps=3, budget_s=args.budget)
                 t_fp = bench(lambda: F.linear(x, w), budget_s=args.budget)
+                xb = x.to(torch.bfloat16)
+                t_bf = bench(lambda: F.linear(xb, wb), budget_s=args.budget)
+                t_nf4 = bench(lambda: torch.ops.quantkit.lut4_linear(x, *nargs), budget_s=args.budget)
+                gbs = (q.packed.numel() + 4 * n) / t_ours / 1e9  # codes + fp32 row scales
+                gbs_bf = 2 * n * k / t_bf / 1e9
                 lines.append(f"| {n}x{k} | {bits} | {m} | {t_ours * 1e3:.3f} | {t_ref * 1e3:.2f} | {t_fp * 1e3:.3f} "
-                             f"| {t_ref / t_ours:.1f}x | {t_fp / t_ours:.2f}x |")
+                             f"| {t_bf * 1e3:.3f} | {t_nf4 * 1e3:.3f} | {t_ref / t_ours:.1f}x | {t_fp / t_ours:.2f}x "
+                             f"| {t_nf4 / t_ours:.2f}x | {gbs:.1f} | {gbs_bf:.1f} | {100 * gbs / gbs_bf:.0f}% |")
     lines.append("")
     lines.append(f"1-min load average: {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     emit("\n".join(lines), args.markdown)

@@ -51,7 +51,8 @@ from typing import Optional
 import torch
 
 from quantkit import _row_chunks
-from quantkit._ops_lib import _check_intk_args, _check_lut4_args, _lib, lut4_decode_absmax  # noqa: F401 (re-exported)
+from quantkit._ops_lib import (_check_intk_args, _check_lut4_args, _lib, lut4_decode_absmax,  # noqa: F401 (re-exported)
+                               lut4_dequantize_reference, lut4_linear_reference)
 from quantkit.errors import KernelUnavailable
 
 _lib.define(
@@ -63,36 +64,6 @@ _lib.define(
     "int out_features, int in_features, Tensor? bias, Tensor? absmax_code, Tensor? absmax_scale, "
     "float absmax_offset, int absmax_blocksize) -> Tensor"
 )
-
-
-def lut4_dequantize_reference(packed, absmax, code, blocksize, rows, cols, absmax_code=None,
-                              absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
-    """Pure-torch reference: code[index] * absmax[block], fp32 [rows, cols]."""
-    _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale, absmax_blocksize)
-    n = rows * cols
-    flat = packed.reshape(-1)
-    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
-    scales = lut4_decode_absmax(absmax, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
-    block = torch.arange(n, device=packed.device) // blocksize
-    return (code[idx] * scales[block]).reshape(rows, cols)
-
-
-def lut4_linear_reference(x, packed, absmax, code, blocksize, out_features, in_features, bias=None,
-                          absmax_code=None, absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
-    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype.
-
-    W stays fp32 here for every x dtype; the native CPU kernel's large-batch path for bf16/fp16
-    x rounds W to x.dtype first (see the module docstring), so compare it with a bf16/fp16
-    tolerance, or against this function given W rounded to x.dtype.
-    """
-    torch._check(x.shape[-1] == in_features,
-                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
-    w = lut4_dequantize_reference(packed, absmax, code, blocksize, out_features, in_features,
-                                  absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
-    y = x.float() @ w.T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
 
 
 _lib.impl("lut4_dequantize", lut4_dequantize_reference, "CompositeExplicitAutograd")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit._ops_lib import _check_lut4_args, _lib
+from quantkit._ops_lib import _check_lut4_args, _lib, lut4_linear_reference
 
 _lib.define(
     "lut4_linear_multi(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor[] code, int[] blocksize, "
@@ -41,8 +41,6 @@ def _per_weight(packed, absmax, code, blocksize, out_features, bias, absmax_code
 def lut4_linear_multi_reference(x, packed, absmax, code, blocksize, out_features, in_features, bias, absmax_code,
                                 absmax_scale, absmax_offset, absmax_blocksize):
     """cat over the weights of ``lut4_linear_reference`` (fp32 weights, output in x.dtype)."""
-    from quantkit._ops import lut4_linear_reference
-
     parts = [lut4_linear_reference(x, p, a, c, bs, n, in_features, b, ac, asc, ao, abs_)
              for p, a, c, bs, n, b, ac, asc, ao, abs_ in _per_weight(packed, absmax, code, blocksize, out_features,
                                                                     bias, absmax_code, absmax_scale, absmax_offset,

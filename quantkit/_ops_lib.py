@@ -1,5 +1,5 @@
 """What the op modules share: the ``quantkit`` op library and the argument checks and
-decoders more than one op family uses (``quantkit/_ops.py``: linear ops;
+decoders more than one op family uses, and the lut4 references (``quantkit/_ops.py``: linear ops;
 ``quantkit/_ops_embedding.py``: row lookups; ``quantkit/_row_chunks.py``: backward by rows).
 Imports nothing of quantkit, so those modules depend on it and never on each other's
 import order."""
@@ -56,3 +56,33 @@ def _check_intk_args(packed, scale, bits, offset, rows, cols) -> None:
                          f"got {list(packed.shape)}")
     torch._check(scale.dtype == torch.float32 and scale.numel() == rows,
                  lambda: f"scale must be fp32 [{rows}], got {scale.dtype} {list(scale.shape)}")
+
+
+def lut4_dequantize_reference(packed, absmax, code, blocksize, rows, cols, absmax_code=None,
+                              absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
+    """Pure-torch reference: code[index] * absmax[block], fp32 [rows, cols]."""
+    _check_lut4_args(packed, absmax, code, blocksize, rows, cols, absmax_code, absmax_scale, absmax_blocksize)
+    n = rows * cols
+    flat = packed.reshape(-1)
+    idx = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
+    scales = lut4_decode_absmax(absmax, absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
+    block = torch.arange(n, device=packed.device) // blocksize
+    return (code[idx] * scales[block]).reshape(rows, cols)
+
+
+def lut4_linear_reference(x, packed, absmax, code, blocksize, out_features, in_features, bias=None,
+                          absmax_code=None, absmax_scale=None, absmax_offset=0.0, absmax_blocksize=256):
+    """Pure-torch reference: (x.float() @ W.T + bias) in fp32, cast to x.dtype.
+
+    W stays fp32 here for every x dtype; the native CPU kernel's large-batch path for bf16/fp16
+    x rounds W to x.dtype first (see the module docstring), so compare it with a bf16/fp16
+    tolerance, or against this function given W rounded to x.dtype.
+    """
+    torch._check(x.shape[-1] == in_features,
+                 lambda: f"x has last dim {x.shape[-1]} but the weight is {out_features}x{in_features}")
+    w = lut4_dequantize_reference(packed, absmax, code, blocksize, out_features, in_features,
+                                  absmax_code, absmax_scale, absmax_offset, absmax_blocksize)
+    y = x.float() @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

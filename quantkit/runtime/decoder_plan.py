@@ -68,11 +68,6 @@ class DecoderPlan:
     rope_tables: Callable[[int, torch.dtype], dict]
 
 
-def _rope_type(rotary: nn.Module) -> Union[str, dict]:
-    t = getattr(rotary, "rope_type", "default")
-    return t
-
-
 def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
     """The plan for ``model`` (a ``*ForCausalLM``), or why the lean forward cannot run it."""
     cfg = model.config
@@ -84,7 +79,7 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
     if inner is None or head is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
         return f"{type(model).__name__} does not have the model.layers / lm_head / rotary_emb layout"
     rotary = inner.rotary_emb
-    types = _rope_type(rotary)
+    types = getattr(rotary, "rope_type", "default")  # Gemma3: a dict by layer type
     for t in (types.values() if isinstance(types, dict) else [types]):
         if t not in STATIC_ROPE:
             return f"RoPE type {t!r} rescales with the sequence length"

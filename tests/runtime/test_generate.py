@@ -251,3 +251,25 @@ def test_cli_bad_input(artifact, tiny_llama_dir, tmp_path, capsys):
     AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(bare)
     assert cli.main(["generate", str(bare), "-q", "-p", "hello"]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_forward_prompt_in_chunks(get_model, tok, arch):
+    """A prompt prefilled in two chunks (the second starting at position 37, the masked path, past
+    Gemma3's window of 8) gives the logits of one whole-prompt forward and of the model itself."""
+    from quantkit.runtime.decoder_plan import plan_decoder
+    from quantkit.runtime.lean_forward import KVCache, lean_forward
+
+    model = get_model(arch, "none")
+    ids = torch.tensor([(tok(PROMPT * 6)["input_ids"])[:60]])
+    plan = plan_decoder(model)
+    with torch.inference_mode():
+        whole = lean_forward(plan, KVCache.for_plan(plan, 64, torch.float32), ids, 0)
+        cache = KVCache.for_plan(plan, 64, torch.float32)
+        lean_forward(plan, cache, ids[:, :37], 0)
+        chunked = lean_forward(plan, cache, ids[:, 37:], 37)
+        ref = model(input_ids=ids, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="do not fit the cache of 64"):
+        lean_forward(plan, cache, ids[:, :10], 60)

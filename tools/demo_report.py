@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                      f"{r['tps_fp32']:.1f} | {r['tps_bf16']:.1f} |")
     cpu = cpu_model()
     foot = (f"\n{rows[0]['tokens']} eval tokens (shipped Python-docs excerpt), seq_len {args.seq_len}; "
-            f"{args.new_tokens} greedy new tokens (quantkit runtime: static KV cache, decode steps timed); "
+            f"{args.new_tokens} greedy new tokens (quantkit runtime, `generate`'s default engine: the lean forward for Llama-family models; decode steps timed); "
             f"{torch.get_num_threads()} threads; {cpu}; torch {torch.__version__}; "
             f"kernels: {quantkit._ops.native_status()}")
     table = "\n".join(lines) + foot

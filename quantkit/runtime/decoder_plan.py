@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from quantkit.runtime.model_info import model_device
+
 LLAMA_LIKE = ("llama", "qwen2", "mistral")
 SANDWICH = ("gemma3_text",)
 # RoPE types whose inverse frequencies do not depend on the sequence length (a position's
@@ -111,7 +113,7 @@ def plan_decoder(model: nn.Module) -> Union[DecoderPlan, str]:
         # the model's own rotary module on positions 0..n-1: each entry is an elementwise
         # function of (position, frequency), so a row of this table equals what the module
         # gives for that position alone
-        pos = torch.arange(n, device=_device(model))[None]
+        pos = torch.arange(n, device=model_device(model))[None]
         probe = torch.empty(1, 1, 1, dtype=dtype, device=pos.device)
         keys = sorted({lp.rope for lp in layers})
         if keys == [None]:
@@ -149,7 +151,3 @@ def bind_group(*modules: nn.Module) -> Callable[[torch.Tensor], tuple]:
             break
     fns = [bind(m) for m in modules]
     return lambda x: tuple(f(x) for f in fns)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
